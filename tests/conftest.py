@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TYMPAN_SHARED", REPO.parent / "shared"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    assert SHARED.is_dir(), f"shared data not found at {SHARED} (set TYMPAN_SHARED)"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir) -> Path:
+    return shared_dir / "data"

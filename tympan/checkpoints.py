@@ -1,0 +1,230 @@
+"""Reading, converting, saving and downloading checkpoints.
+
+Two layouts load:
+
+* official checkpoints as their repos release them (``torch.save`` files): a plain state dict, one wrapped
+  in ``{"model": ..., "config": ...}`` / ``{"state_dict": ...}``, with or without DataParallel's ``module.``
+  prefix; each family's ``convert_checkpoint`` maps their key names onto ours;
+* tympan's own ``*.safetensors`` with a ``*.json`` sidecar (``{"model_id": ..., "config": {...}}``).
+
+Pickles are always read with ``torch.load(weights_only=True)``: no code is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from tympan.models.registry import StateDict, Weights, create_model, get_model_entry
+
+SAFETENSORS_SUFFIX = ".safetensors"
+_CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: ``$TYMPAN_CACHE`` or ``~/.cache/tympan``."""
+    return Path(os.environ.get("TYMPAN_CACHE", Path.home() / ".cache" / "tympan"))
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON config written beside one of our safetensors files."""
+    return Path(path).with_suffix(".json")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
+    """Load the tensors of a checkpoint file and any metadata found beside them.
+
+    Returns ``(state_dict, meta)``: the state dict has containers and ``module.`` prefixes removed; ``meta``
+    holds our sidecar's ``model_id``/``config`` for safetensors files, or an official container's non-tensor
+    entries (e.g. Dasheng's ``config``) under ``"container"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    meta: dict[str, Any] = {}
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        side = sidecar_path(path)
+        if side.is_file():
+            meta = json.loads(side.read_text())
+        return state, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({first_line})") from None
+    state, container = unwrap_state_dict(obj, path)
+    if container:
+        meta["container"] = container
+    return state, meta
+
+
+def unwrap_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> tuple[StateDict, dict[str, Any]]:
+    """Find the state dict inside an official container and strip DataParallel/DDP prefixes."""
+    container: dict[str, Any] = {}
+    while isinstance(obj, Mapping) and not _is_state_dict(obj):
+        key = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            raise CheckpointError(f"{path}: no state dict found (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        container.update({k: v for k, v in obj.items() if k != key and not isinstance(v, torch.Tensor)})
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return strip_prefix(state, "module."), container
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def strip_prefix(state: StateDict, prefix: str) -> StateDict:
+    """Remove ``prefix`` from every key when all keys carry it (DataParallel, DDP, torch.compile)."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model``; every missing, unexpected or mis-shaped key is named in the error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                parts.append(f"{label} keys: {shown}")
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load(model_id: str, checkpoint: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
+    """Build ``model_id`` and load weights into it; returns the model in eval mode.
+
+    ``checkpoint`` is a local file in an official layout or our safetensors; without it the registered
+    official weights are downloaded (once) into :func:`cache_dir`. ``model_id`` may also be the path of
+    one of our safetensors files, whose sidecar names the model. ``overrides`` change the config
+    (e.g. ``num_classes=10``, ``input_tdim=512``); the family's converter adapts official weights to it
+    the way the original code does (positional-embedding cuts and interpolation, for instance).
+    """
+    if checkpoint is None and str(model_id).endswith(SAFETENSORS_SUFFIX):
+        checkpoint, model_id = model_id, None
+    if checkpoint is None:
+        entry = get_model_entry(model_id)
+        if entry.weights is None:
+            raise CheckpointError(f"{model_id} has no official weights; pass checkpoint=PATH")
+        checkpoint = download(entry.weights)
+    state, meta = read_checkpoint(checkpoint)
+    if model_id is None:
+        model_id = meta.get("model_id")
+        if model_id is None:
+            raise CheckpointError(f"{checkpoint}: no sidecar {sidecar_path(checkpoint).name} naming the model id")
+    entry = get_model_entry(model_id)
+    config = dict(meta.get("config", {})) if meta.get("model_id") == model_id else {}
+    config.update(overrides)
+    model = create_model(model_id, **config)
+    if entry.convert_checkpoint is not None and not meta.get("model_id"):
+        try:
+            state = entry.convert_checkpoint(state, model)
+        except KeyError as err:
+            raise CheckpointError(f"{checkpoint}: not a {entry.family} checkpoint (no key {err})") from None
+    load_state_dict_strict(model, state, source=str(checkpoint))
+    return model.eval()
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights as safetensors plus a JSON sidecar that lets :func:`load` rebuild it."""
+    from safetensors.torch import save_file
+
+    model_id = getattr(model, "tympan_id", None)
+    if model_id is None:
+        raise ValueError("only models built by tympan.create_model/tympan.load can be saved with their config")
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        path = path.with_suffix(SAFETENSORS_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, tmp))
+    meta = {"model_id": model_id, "config": _jsonable(model.tympan_config)}
+    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return path
+
+
+def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def sha256sum(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(weights: Weights, directory: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Fetch ``weights`` into the cache (once), verifying the SHA-256 when it is known.
+
+    A cached file whose checksum does not match is fetched again; a download that does not match raises.
+    Works for any URL scheme urllib knows (``https://``, ``file://``).
+    """
+    from tqdm.auto import tqdm
+
+    directory = Path(directory) if directory is not None else cache_dir()
+    name = weights.filename or Path(urllib.request.urlparse(weights.url).path).name
+    target = directory / name
+    if target.is_file() and (weights.sha256 is None or sha256sum(target) == weights.sha256):
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(weights.url) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if weights.sha256 is not None and (got := sha256sum(tmp)) != weights.sha256:
+            raise CheckpointError(f"{weights.url}: checksum mismatch (expected {weights.sha256}, got {got})")
+        os.replace(tmp, target)
+    except OSError as err:
+        raise CheckpointError(f"{weights.url}: download failed ({err})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

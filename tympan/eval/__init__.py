@@ -1,0 +1,1 @@
+"""tympan.eval"""

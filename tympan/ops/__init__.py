@@ -1,0 +1,1 @@
+"""Numerical kernels shared by model families (selective scan)."""
