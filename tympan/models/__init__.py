@@ -17,7 +17,7 @@ from tympan.models.registry import (
     register_model,
 )
 
-_SHARED = {"registry", "layers"}
+_SHARED = {"registry", "layers", "patching"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
