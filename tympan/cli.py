@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 EPILOG = """examples:
+  tympan tag clip.wav --model sat-tiny-2s         top-5 AudioSet tags of a file
+  tympan tag long.flac --model sat-tiny-2s --chunk 2 --plot timeline.png
+                                                  per-chunk tags and a PNG timeline
   tympan models                                   list registered models and their weights
   tympan models 'ast-*'                           only the AST family
   tympan features clip.wav --frontend kaldi-fbank -o feats/
@@ -100,10 +103,189 @@ def _run_features(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+
+# ------------------------------------------------------------------------------------------------------ tag
+def _parse_overrides(items: Sequence[str]) -> dict:
+    """``key=value`` strings into a config dict; values parsed as YAML scalars (ints, floats, bools, lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load_model(args: argparse.Namespace):
+    import tympan
+
+    return tympan.load(args.model, checkpoint=args.checkpoint, **_parse_overrides(args.set))
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="ID", help="registered model id (see 'tympan models')")
+    p.add_argument(
+        "--checkpoint", type=Path, metavar="PATH",
+        help="weights to load (official layout or tympan safetensors); default: the official weights, downloaded once",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config entry of the model, e.g. --set depth=2 --set input_tdim=512 (repeatable)",
+    )
+
+
+def _add_tag(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tag",
+        help="tag audio files with sound-event labels",
+        description="Tag each FILE with a classification model: clip-level top-k labels, or per-chunk labels "
+        "with --chunk. Files of any length stream through the model at bounded memory; streaming models (SAT) "
+        "carry their memory from chunk to chunk. Bad files are reported and skipped (exit status 1).",
+        epilog="examples:\n"
+        "  tympan tag clip.wav --model sat-tiny-2s\n"
+        "  tympan tag long.flac --model ast-base384 --chunk 10 --topk 3 --plot timeline.png\n"
+        "  tympan tag *.wav --model dass-small --format csv > tags.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files (wav, flac, ogg, mp3)")
+    _add_model_arguments(p)
+    p.add_argument("--chunk", type=float, metavar="SECONDS", help="report per-chunk tags for chunks of this length")
+    p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per clip or chunk (default 5)")
+    p.add_argument("--format", choices=("text", "json", "csv"), default="text", help="output format (default text)")
+    p.add_argument(
+        "--plot", type=Path, metavar="OUT.png",
+        help="save the per-chunk probabilities of the top classes over time (one PNG per file: OUT_<name>.png "
+        "when several files are given)",
+    )
+
+
+def _run_tag(args: argparse.Namespace) -> int:
+    import json
+
+    from tympan.audio import AudioError
+    from tympan.inference.tagging import Tagger, tag_file
+
+    if args.topk < 1:
+        raise UserError("--topk must be at least 1")
+    if args.chunk is not None and args.chunk <= 0:
+        raise UserError("--chunk must be positive")
+    model = _load_model(args)
+    try:
+        labels = Tagger(model).labels
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    failed, records = [], []
+    for path in args.files:
+        try:
+            tags = tag_file(model, path, chunk_seconds=args.chunk, progress=sys.stderr.isatty())
+        except (AudioError, ValueError) as err:
+            failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
+            continue
+        record = _tag_record(tags, labels, args.topk, per_chunk=args.chunk is not None)
+        records.append(record)
+        if args.format == "text":
+            _print_tag_text(record)
+        if args.plot is not None:
+            out = args.plot if len(args.files) == 1 else args.plot.with_name(f"{args.plot.stem}_{path.stem}.png")
+            plot_timeline(tags, labels, out, topk=min(args.topk, 5))
+    if args.format == "json":
+        print(json.dumps(records, indent=2))
+    elif args.format == "csv":
+        print("file,start,end,rank,label,mid,probability")
+        for record in records:
+            for chunk in record["chunks"]:
+                for rank, tag in enumerate(chunk["tags"], 1):
+                    label = tag["label"].replace('"', '""')
+                    print(f'{record["file"]},{chunk["start"]:.2f},{chunk["end"]:.2f},{rank},"{label}",{tag["mid"]},'
+                          f'{tag["probability"]:.4f}')
+    for message in failed:
+        print(f"skipped {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _tag_record(tags, labels, topk: int, per_chunk: bool) -> dict:
+    import torch
+
+    def top(probs: "torch.Tensor") -> list[dict]:
+        values, indices = probs.topk(min(topk, probs.numel()))
+        return [
+            {"label": labels.names[i], "mid": labels.mids[i], "index": int(i), "probability": round(float(v), 6)}
+            for v, i in zip(values, indices)
+        ]
+
+    if per_chunk:
+        chunks = [{"start": s, "end": e, "tags": top(p)} for s, e, p in zip(tags.starts, tags.ends, tags.chunk_probs)]
+    else:
+        chunks = [{"start": tags.starts[0], "end": tags.ends[-1], "tags": top(tags.probs)}]
+    return {"file": tags.path, "chunks": chunks}
+
+
+def _print_tag_text(record: dict) -> None:
+    print(record["file"])
+    for chunk in record["chunks"]:
+        span = f'[{chunk["start"]:.1f}s]-[{chunk["end"]:.1f}s]'
+        for rank, tag in enumerate(chunk["tags"], 1):
+            print(f'{span} Topk-{rank} {tag["label"]} {tag["probability"]:.4f}')
+
+
+def plot_timeline(tags, labels, out: Path, topk: int = 5) -> Path:
+    """Save a PNG of the per-chunk probabilities of the ``topk`` classes with the highest clip-level score."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'tympan[plot]'") from None
+    timeline = tags.timeline
+    classes = tags.probs.topk(min(topk, timeline.shape[1])).indices.tolist()
+    mids = [(s + e) / 2 for s, e in zip(tags.starts, tags.ends)]
+    fig, ax = plt.subplots(figsize=(9, 3.6), constrained_layout=True)
+    for c in classes:
+        ax.step(tags.starts + [tags.ends[-1]], timeline[:, c].tolist() + [float(timeline[-1, c])], where="post",
+                label=labels.names[c])
+    if len(mids) == 1:
+        ax.set_xlim(tags.starts[0], tags.ends[-1])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("probability")
+    ax.set_title(Path(tags.path).name)
+    ax.legend(loc="upper right", fontsize="small")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+
+# --------------------------------------------------------------------------------------------------- shards
+def _add_shards(sub: argparse._SubParsersAction) -> None:
+    from tympan.data.shards import add_pack_shards_arguments
+
+    add_pack_shards_arguments(
+        sub.add_parser(
+            "shards",
+            help="pack a datafile's audio into tar shards for large-scale training",
+            description="Pack the clips of a JSON datafile into webdataset-style tar shards ({key}.flac + "
+            "{key}.json) with an index.json, for streaming training data across ranks and workers.",
+        )
+    )
+
+
+def _run_shards(args: argparse.Namespace) -> int:
+    from tympan.data.shards import pack_shards_main
+
+    return pack_shards_main(args)
+
+
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
     "features": (_add_features, _run_features),
+    "tag": (_add_tag, _run_tag),
+    "shards": (_add_shards, _run_shards),
 }
 
 
@@ -124,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tympan.checkpoints import CheckpointError
+    from tympan.models.registry import UnknownModelError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -132,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, run = COMMANDS[args.command]
     try:
         return run(args)
-    except (UserError, FileNotFoundError, KeyError) as err:
+    except (UserError, CheckpointError, UnknownModelError, FileNotFoundError) as err:
         print(f"tympan {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

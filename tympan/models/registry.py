@@ -32,6 +32,9 @@ class Weights:
     notes: str = ""
 
 
+OUTPUT_KINDS = ("logits", "probabilities", "embeddings")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One registered model id."""
@@ -46,6 +49,11 @@ class ModelEntry:
     input_kind: str = "waveform"  # "waveform" (16 kHz mono samples) or a frontend name from tympan.features
     sample_rate: int = 16000
     labels: str | None = None  # label set of the head ("audioset"), None for encoders
+    output: str = "logits"  # what forward returns: "logits", "probabilities" (sigmoid inside) or "embeddings"
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUT_KINDS:
+            raise ValueError(f"{self.name}: output must be one of {OUTPUT_KINDS}, got {self.output!r}")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

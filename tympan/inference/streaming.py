@@ -1,0 +1,196 @@
+"""Chunk-wise tagging of live or long audio: push samples of any size, get one result per chunk.
+
+:class:`Streamer` cuts the incoming 16 kHz audio into consecutive ``chunk_seconds`` chunks, exactly like SAT's
+``inference.py`` (each chunk's spectrogram is computed on that chunk alone, its dB floor per stream), and runs the
+model on each chunk as soon as it is complete:
+
+* SAT models carry their memory from chunk to chunk (starting from the original's "silence" memory), so a 2 s SAT
+  stream reproduces ``inference.py``'s per-chunk probabilities;
+* every other model (the SAT repo's ViTs, Dasheng with or without a head, AST through its registered frontend) sees
+  each chunk independently. An encoder without a head yields its mean token per chunk.
+
+Two bugs of the original streaming loop are not copied:
+
+* the memory is NOT kept across files: :meth:`Streamer.reset` (called by :meth:`Streamer.run_file`) restores the
+  silence memory;
+* a final partial chunk (:meth:`Streamer.flush`) is scored with the memory of the last full chunk, exactly as the
+  original scores it, but it does NOT update the memory: the original shifts its flat 48-token memory by only the
+  partial chunk's tokens, which scrambles the frequency/time layout the next chunk assumes. A stream that goes on
+  after a flush therefore continues from the last full chunk's memory.
+
+Several streams (e.g. microphones) advance in lockstep as one batch: push ``[streams, n]`` arrays. Memory use is
+bounded by one chunk of pending samples per stream plus the model's memory, whatever the input length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tympan.models.audiotransformer import SpectrogramTransformer
+from tympan.models.sat import SAT
+from tympan.inference.tagging import input_frontend, model_entry
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """The model's output for one chunk of every stream."""
+
+    index: int
+    start: float  # seconds from the start of the stream (or since the last reset)
+    end: float  # seconds; the true end for a partial final chunk
+    output: Tensor  # [streams, classes] probabilities (or [streams, D] mean token of an encoder)
+    partial: bool = False
+
+
+class Streamer:
+    """Feed audio in pieces of any size, receive per-chunk results.
+
+    Args:
+        model: a tympan model in eval mode (SAT streams with memory; anything else runs per chunk).
+        chunk_seconds: chunk length; default 2.0 s (``inference.py``), or the SAT model's chunk rounded up to whole
+            seconds. A SAT chunk must cover the model's ``target_length`` frames.
+        streams: number of parallel streams pushed as ``[streams, n]``.
+        silence_memory: start SAT from the original's silence memory (``True``, as ``inference.py``) or empty.
+        min_tail_seconds: a final partial chunk shorter than this (or than one patch) is dropped by :meth:`flush`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_seconds: float | None = None,
+        *,
+        streams: int = 1,
+        silence_memory: bool = True,
+        min_tail_seconds: float = 0.0,
+    ):
+        self.model = model
+        self.streaming = isinstance(model, SAT)
+        if chunk_seconds is None:
+            chunk_seconds = math.ceil(model.target_length / 100) if self.streaming else 2.0
+        self.chunk_samples = int(chunk_seconds * SAMPLE_RATE)
+        if self.chunk_samples <= 0:
+            raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
+        if self.streaming and self.chunk_samples // HOP_LENGTH + 1 < model.target_length:
+            raise ValueError(
+                f"chunk_seconds {chunk_seconds} is shorter than the model's {model.target_length / 100:.2f} s chunk"
+            )
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        self.streams = streams
+        self.silence_memory = silence_memory
+        min_frames = model.min_frames if isinstance(model, SpectrogramTransformer) else 1
+        self.min_tail_samples = max(int(min_tail_seconds * SAMPLE_RATE), (min_frames - 1) * HOP_LENGTH)
+        self._frontend = input_frontend(model)
+        self._sigmoid = getattr(model_entry(model), "output", None) == "logits"
+        self._silence: Tensor | None = None
+        self.reset()
+
+    # ----------------------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Start a new stream (file): empty buffer, chunk counter 0, SAT memory back to silence."""
+        self._pending: list[Tensor] = []
+        self._pending_samples = 0
+        self._index = 0
+        self._offset = 0
+        self.memory: Tensor | None = None
+        if self.streaming and self.silence_memory:
+            if self._silence is None:
+                self._silence = self.model.initial_cache(1)
+            self.memory = self._silence.expand(-1, self.streams, -1, -1)
+
+    # ----------------------------------------------------------------------------------------- input
+    def push(self, audio: Tensor | np.ndarray) -> list[ChunkResult]:
+        """Append samples (``[n]`` for one stream, ``[streams, n]``); return the results of chunks completed now."""
+        audio = torch.as_tensor(np.asarray(audio) if not isinstance(audio, Tensor) else audio, dtype=torch.float32)
+        if audio.ndim == 1:
+            audio = audio[None]
+        if audio.ndim != 2 or audio.shape[0] != self.streams:
+            raise ValueError(f"expected audio [{self.streams}, n] (or [n] for one stream), got {tuple(audio.shape)}")
+        results = []
+        while audio.shape[1]:
+            take = min(self.chunk_samples - self._pending_samples, audio.shape[1])
+            self._pending.append(audio[:, :take])
+            self._pending_samples += take
+            audio = audio[:, take:]
+            if self._pending_samples == self.chunk_samples:
+                results.append(self._run(self._take_pending(), partial=False))
+        return results
+
+    def flush(self) -> list[ChunkResult]:
+        """Score the pending partial chunk (if long enough) without updating the SAT memory."""
+        if self._pending_samples == 0:
+            return []
+        chunk = self._take_pending()
+        if chunk.shape[1] <= self.min_tail_samples:
+            self._offset += chunk.shape[1]
+            return []
+        return [self._run(chunk, partial=True)]
+
+    def run(self, audio: Tensor | np.ndarray) -> list[ChunkResult]:
+        """One whole recording: reset, push, flush."""
+        self.reset()
+        return self.push(audio) + self.flush()
+
+    def run_blocks(self, blocks: Iterable[Tensor | np.ndarray]) -> Iterator[ChunkResult]:
+        """Results of a recording given as consecutive blocks (bounded memory); resets first, flushes last."""
+        self.reset()
+        for block in blocks:
+            yield from self.push(block)
+        yield from self.flush()
+
+    def run_file(self, path: str | os.PathLike, block_seconds: float = 30.0) -> Iterator[ChunkResult]:
+        """Stream a (possibly hour-long) audio file, mono at 16 kHz, in ``block_seconds`` reads."""
+        if self.streams != 1:
+            raise ValueError("run_file feeds one stream; build the Streamer with streams=1")
+        from tympan import audio
+
+        return self.run_blocks(audio.stream(path, block_seconds=block_seconds, sample_rate=SAMPLE_RATE, mono=True))
+
+    # ----------------------------------------------------------------------------------------- model
+    def _take_pending(self) -> Tensor:
+        chunk = torch.cat(self._pending, dim=1)
+        self._pending, self._pending_samples = [], 0
+        return chunk
+
+    @torch.no_grad()
+    def _run(self, chunk: Tensor, partial: bool) -> ChunkResult:
+        output = self._forward(chunk.to(self._device()), partial)
+        start = self._offset / SAMPLE_RATE
+        self._offset += chunk.shape[1]
+        result = ChunkResult(self._index, start, self._offset / SAMPLE_RATE, output.float().cpu(), partial)
+        self._index += 1
+        return result
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _forward(self, chunk: Tensor, partial: bool) -> Tensor:
+        model = self.model
+        if isinstance(model, SpectrogramTransformer):
+            # one frontend call per stream: the dB floor of the original's batch-1 calls, streams independent
+            mel = torch.cat([model.front_end(row[None]) for row in chunk])
+            spec = model.normalize(mel)
+            if self.streaming:
+                output, memory = model.forward_spectrogram(spec, self.memory)
+                if not partial:
+                    self.memory = memory
+            else:
+                output = model.forward_spectrogram(spec)
+        else:
+            output = model(self._frontend(chunk) if self._frontend is not None else chunk)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if self._sigmoid:
+            output = torch.sigmoid(output)
+        return output.mean(dim=1) if output.ndim == 3 else output  # encoders: mean token per chunk
