@@ -241,13 +241,11 @@ def plot_timeline(tags, labels, out: Path, topk: int = 5) -> Path:
         raise UserError("--plot needs matplotlib: pip install 'tympan[plot]'") from None
     timeline = tags.timeline
     classes = tags.probs.topk(min(topk, timeline.shape[1])).indices.tolist()
-    mids = [(s + e) / 2 for s, e in zip(tags.starts, tags.ends)]
     fig, ax = plt.subplots(figsize=(9, 3.6), constrained_layout=True)
     for c in classes:
         ax.step(tags.starts + [tags.ends[-1]], timeline[:, c].tolist() + [float(timeline[-1, c])], where="post",
                 label=labels.names[c])
-    if len(mids) == 1:
-        ax.set_xlim(tags.starts[0], tags.ends[-1])
+    ax.set_xlim(tags.starts[0], tags.ends[-1])
     ax.set_ylim(0, 1)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("probability")

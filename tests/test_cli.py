@@ -1,0 +1,118 @@
+"""The ``tympan`` command line, run as a user would."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tympan.cli import main
+
+
+def test_console_script_help():
+    exe = shutil.which("tympan")
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "tympan.cli", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for command in ("models", "features"):
+        assert command in out
+    assert "examples:" in out
+
+
+def test_models_table(capsys):
+    assert main(["models", "ast-*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["id", "family", "input"]
+    assert any(line.startswith("ast-base384 ") for line in lines)
+    assert main(["models", "no-such-model-*"]) == 1
+
+
+@pytest.mark.parametrize("frontend,fmt", [("kaldi-fbank", "npy"), ("ast-fbank", "npy"), ("dasheng-mel", "safetensors"), ("ssam-mel", "npy")])
+def test_features_writes_one_file_per_input(tmp_path, data_dir, frontend, fmt):
+    clips = sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[:2] + sorted((data_dir / "fsdd" / "recordings").glob("*.wav"))[:1]
+    out = tmp_path / "out"
+    assert main(["features", *map(str, clips), "--frontend", frontend, "-o", str(out), "--format", fmt]) == 0
+    written = sorted(out.iterdir())
+    assert [p.stem for p in written] == sorted(p.stem for p in clips)
+    if fmt == "npy":
+        feats = np.load(written[0])
+        assert feats.ndim >= 2 and np.isfinite(feats).all()
+
+
+def test_features_reports_and_skips_bad_files(tmp_path, data_dir, capsys):
+    good = sorted((data_dir / "esc10" / "audio").glob("*.flac"))[0]
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.flac"
+    status = main(["features", str(empty), str(good), str(missing), "--frontend", "kaldi-fbank", "-o", str(tmp_path / "o")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "empty.wav" in err and "missing.flac" in err and "1 of 3 files written" in err
+    assert (tmp_path / "o" / f"{good.stem}.npy").is_file()
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+
+
+SAT_FIXTURE = "sat-tiny-2s"
+
+
+@pytest.fixture(scope="module")
+def sat_checkpoint():
+    from tests.parity import fixtures_root
+
+    path = fixtures_root() / SAT_FIXTURE / "checkpoint.pt"
+    assert path.is_file(), path
+    return str(path)
+
+
+def test_tag_per_chunk_text_json_csv_and_plot(tmp_path, data_dir, sat_checkpoint, capsys):
+    import json
+
+    clip = str(sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[0])  # 5 s: chunks 0-2, 2-4 and a 1 s tail
+    common = ["--model", "sat-tiny-2s", "--checkpoint", sat_checkpoint, "--chunk", "2", "--topk", "3"]
+    assert main(["tag", clip, *common, "--plot", str(tmp_path / "t.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == clip
+    assert lines[1].startswith("[0.0s]-[2.0s] Topk-1 ") and lines[4].startswith("[2.0s]-[4.0s] Topk-1 ")
+    assert lines[7].startswith("[4.0s]-[5.0s] Topk-1 ")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["tag", clip, *common, "--format", "json"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert [c["start"] for c in record["chunks"]] == [0.0, 2.0, 4.0]
+    probs = [t["probability"] for t in record["chunks"][0]["tags"]]
+    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+
+    assert main(["tag", clip, *common, "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "file,start,end,rank,label,mid,probability" and len(rows) == 1 + 3 * 3
+
+
+def test_tag_clip_level_skips_bad_files(tmp_path, data_dir, sat_checkpoint, capsys):
+    clip = str(sorted((data_dir / "esc10" / "audio").glob("2-*.flac"))[0])
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"definitely not audio")
+    status = main(["tag", str(broken), clip, "--model", "sat-tiny-2s", "--checkpoint", sat_checkpoint, "--topk", "2"])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "broken.flac" in captured.err and "Traceback" not in captured.err
+    out = captured.out.splitlines()
+    assert out[0] == clip and len(out) == 3 and out[1].startswith("[0.0s]-[5.0s] Topk-1 ")
+
+
+def test_tag_refuses_an_encoder_and_an_unknown_model(data_dir, capsys):
+    clip = str(sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[0])
+    assert main(["tag", clip, "--model", "no-such-model"]) == 2
+    assert "unknown model id" in capsys.readouterr().err
+    from tests.parity import fixtures_root
+
+    dasheng = fixtures_root() / "dasheng-base"
+    config = json.loads((dasheng / "meta.json").read_text())["constructor_args"]
+    sizes = [f"--set={k}={config[k]}" for k in ("embed_dim", "depth", "num_heads")]
+    assert main(["tag", clip, "--model", "dasheng-base", "--checkpoint", str(dasheng / "checkpoint.pt"), *sizes]) == 2
+    assert "encoder without a classification head" in capsys.readouterr().err
