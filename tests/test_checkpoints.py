@@ -24,7 +24,7 @@ AST_FIXTURE = fixtures_root() / "ast-base384-f10t10"
 
 
 def _fixture_depth(state: dict) -> int:
-    return len({k.split(".")[2] for k in state if k.startswith("module.v.blocks.")})
+    return len({k.split(".")[3] for k in state if k.startswith("module.v.blocks.")})
 
 
 def test_registry_lists_every_family():

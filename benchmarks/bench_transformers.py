@@ -1,0 +1,114 @@
+"""CPU forward-pass speed of tympan's transformers against reference implementations, side by side.
+
+Each model has one ``bench_<name>(args) -> list[Result]`` function listed in ``BENCHMARKS``; it times our
+model and, where one can be installed without changing torch, a reference implementation with the same
+config and random weights. Run ``python benchmarks/bench_transformers.py [--models ast] [--threads 2]``;
+it prints a table and one JSON line per comparison.
+
+The AST reference is Hugging Face ``transformers.ASTForAudioClassification`` (install it without touching
+torch: ``pip install --no-deps transformers`` plus tokenizers, huggingface_hub, safetensors, regex,
+packaging, filelock, pyyaml, tqdm, typer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import tympan  # noqa: E402
+
+
+@dataclass
+class Result:
+    model: str
+    input: str
+    ours_ms: float
+    reference: str | None = None
+    reference_ms: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Reference time / our time: above 1 means ours is faster."""
+        return None if self.reference_ms is None else self.reference_ms / self.ours_ms
+
+
+def time_ms(*fns: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time in ms of each of ``fns``, run alternately (fair on a busy machine), in inference mode."""
+    with torch.inference_mode():
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(repeats):
+            for fn, bucket in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                bucket.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(t) for t in times]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AST
+
+
+def bench_ast(args: argparse.Namespace) -> list[Result]:
+    """AST-base384 (12 blocks, stride 10, random weights) on a 10 s clip (1024 frames x 128 mel bins)."""
+    torch.manual_seed(0)
+    ours = tympan.create_model("ast-base384").eval()
+    x = torch.randn(args.batch, 1024, 128) * 0.5
+    label = f"{args.batch} x 1024 frames (10 s)"
+    try:
+        from transformers import ASTConfig, ASTForAudioClassification
+    except ImportError:
+        print("transformers is not installed: AST reference skipped")
+        return [Result("ast-base384", label, *time_ms(lambda: ours(x), repeats=args.repeats))]
+    config = ASTConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        patch_size=16, frequency_stride=10, time_stride=10, max_length=1024, num_mel_bins=128, num_labels=527,
+        layer_norm_eps=1e-6,
+    )
+    reference = ASTForAudioClassification(config).eval()
+    with torch.inference_mode():  # same architecture: same output shape, hence same work
+        assert reference(x).logits.shape == ours(x).shape
+    ours_ms, reference_ms = time_ms(lambda: ours(x), lambda: reference(x), repeats=args.repeats)
+    name = f"transformers {__import__('transformers').__version__} ASTForAudioClassification"
+    return [Result("ast-base384", label, ours_ms, name, reference_ms)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dasheng and SAT: added by their own bench_<name> functions below, registered in BENCHMARKS.
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
+    "ast": bench_ast,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    for name in args.models:
+        for r in BENCHMARKS[name](args):
+            ref = "" if r.reference_ms is None else f"   {r.reference}: {r.reference_ms:8.1f} ms   ratio {r.ratio:.2f}x"
+            print(f"{r.model:20s} {r.input:28s} ours {r.ours_ms:8.1f} ms{ref}")
+            print(json.dumps(asdict(r) | {"ratio": r.ratio, "threads": args.threads, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()
