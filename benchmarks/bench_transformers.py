@@ -3,7 +3,8 @@
 Each model has one ``bench_<name>(args) -> list[Result]`` function listed in ``BENCHMARKS``; it times our
 model and, where one can be installed without changing torch, a reference implementation with the same
 config and random weights. Run ``python benchmarks/bench_transformers.py [--models ast] [--threads 2]``;
-it prints a table and one JSON line per comparison.
+it prints a table and one JSON line per comparison. Goals: AST at least as fast as transformers' (ratio >= 1),
+SAT-T streaming at least 100x faster than real time.
 
 The AST reference is Hugging Face ``transformers.ASTForAudioClassification`` (install it without touching
 torch: ``pip install --no-deps transformers`` plus tokenizers, huggingface_hub, safetensors, regex,
@@ -35,6 +36,7 @@ class Result:
     ours_ms: float
     reference: str | None = None
     reference_ms: float | None = None
+    notes: str = ""
 
     @property
     def ratio(self) -> float | None:
@@ -86,11 +88,56 @@ def bench_ast(args: argparse.Namespace) -> list[Result]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dasheng and SAT: added by their own bench_<name> functions below, registered in BENCHMARKS.
+# Dasheng: the original package (dasheng 0.0.9) cannot be imported next to torch 2.13 (it needs torchaudio), so its
+# figures measured on this machine (specs/peers.md, torch 2.8) are the named baseline.
+
+DASHENG_PEER_MS = {10: 380.0, 60: 1630.0}
+
+
+def bench_dasheng(args: argparse.Namespace) -> list[Result]:
+    """Dasheng-base (12 blocks, random weights) on 10 s and 60 s waveforms, batch ``args.batch``."""
+    torch.manual_seed(0)
+    model = tympan.create_model("dasheng-base").eval()
+    results = []
+    for seconds in (10, 60):
+        wave = torch.randn(args.batch, 16000 * seconds) * 0.1
+        (ours_ms,) = time_ms(lambda: model(wave), repeats=args.repeats)
+        results.append(Result("dasheng-base", f"{args.batch} x {seconds} s waveform", ours_ms,
+                              "dasheng 0.0.9 (peers.md)", DASHENG_PEER_MS[seconds] * args.batch))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAT streaming: the baseline is real time itself (ratio = how many times faster than real time).
+
+
+def bench_sat(args: argparse.Namespace) -> list[Result]:
+    """SAT-T (2 s chunks with memory) streaming 60 s of audio pushed in 0.1 s pieces, as from a microphone."""
+    from tympan.inference import Streamer
+
+    torch.manual_seed(0)
+    seconds = 60
+    streamer = Streamer(tympan.create_model("sat-tiny-2s").eval())
+    pieces = (torch.randn(16000 * seconds) * 0.1).split(1600)
+    latencies: list[float] = []
+
+    def run() -> None:
+        latencies.clear()
+        streamer.reset()
+        for piece in pieces:
+            start = time.perf_counter()
+            if streamer.push(piece):
+                latencies.append((time.perf_counter() - start) * 1000)
+
+    (ours_ms,) = time_ms(run, repeats=args.repeats)
+    notes = f"per-chunk latency median {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms"
+    return [Result("sat-tiny-2s", f"{seconds} s stream, 2 s chunks", ours_ms, "real time", seconds * 1000.0, notes)]
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     "ast": bench_ast,
+    "dasheng": bench_dasheng,
+    "sat": bench_sat,
 }
 
 
@@ -106,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         for r in BENCHMARKS[name](args):
             ref = "" if r.reference_ms is None else f"   {r.reference}: {r.reference_ms:8.1f} ms   ratio {r.ratio:.2f}x"
-            print(f"{r.model:20s} {r.input:28s} ours {r.ours_ms:8.1f} ms{ref}")
+            print(f"{r.model:20s} {r.input:28s} ours {r.ours_ms:8.1f} ms{ref}   {r.notes}")
             print(json.dumps(asdict(r) | {"ratio": r.ratio, "threads": args.threads, "torch": torch.__version__}))
 
 

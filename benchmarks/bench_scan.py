@@ -1,0 +1,141 @@
+"""Benchmark tympan's selective scan on CPU against the reference loop and mambapy's parallel scan.
+
+Shapes are the ones measured in shared/specs/peers.md (DASS stages with N=1 and 4 directions as groups,
+SSAM-small, a Mamba training shape). mambapy is optional (``pip install --no-deps mambapy``); it is used only
+here, through its ``pscan`` with the surrounding ops of its ``selective_scan``.
+
+    python -m benchmarks.bench_scan [--repeat 3] [--skip-reference] [--cases dass-stage1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tympan.ops import selective_scan, selective_scan_reference
+
+
+@dataclass
+class Case:
+    name: str
+    batch: int
+    channels: int
+    length: int
+    state: int
+    groups: int  # B/C groups (DASS: 4 scan directions); 0 = ungrouped [b, n, L]
+    threads: tuple[int, ...]
+    backward: bool = False
+
+
+CASES = [
+    Case("dass-stage1", 2, 4 * 96, 8192, 1, 4, (1, 2)),  # 8 sequences = batch 2 x 4 directions
+    Case("dass-stage3", 2, 4 * 384, 512, 1, 4, (1, 2)),
+    Case("ssam-small-10s", 4, 768, 1250, 16, 0, (1, 2)),  # bidirectional B2 x 2
+    Case("mamba-train", 2, 768, 512, 16, 0, (2,), backward=True),
+]
+
+
+def make_inputs(case: Case, requires_grad: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n = case.batch, case.channels, case.length, case.state
+    bc_shape = (b, case.groups, n, L) if case.groups else (b, n, L)
+    tensors = dict(
+        u=torch.randn(b, d, L, generator=g), delta=0.5 * torch.randn(b, d, L, generator=g),
+        A=-torch.exp(torch.rand(d, n, generator=g) * 2 - 1), B=torch.randn(bc_shape, generator=g),
+        C=torch.randn(bc_shape, generator=g), D=torch.randn(d, generator=g), delta_bias=torch.randn(d, generator=g) - 3,
+    )
+    for t in tensors.values():
+        t.requires_grad_(requires_grad)
+    return tensors
+
+
+def mambapy_scan(u, delta, A, B, C, D, delta_bias):
+    """mambapy's selective_scan (pscan path) on our layout; grouped B/C are expanded per channel."""
+    from mambapy.pscan import pscan
+
+    dt = torch.nn.functional.softplus(delta + delta_bias[:, None]).transpose(1, 2)  # (b, L, d)
+    x = u.transpose(1, 2)
+    b, L, d = x.shape
+    Bc = B if B.dim() == 4 else B[:, None]
+    Cc = C if C.dim() == 4 else C[:, None]
+    per_group = d // Bc.shape[1]
+    Bc = Bc.repeat_interleave(per_group, 1).permute(0, 3, 1, 2)  # (b, L, d, n)
+    Cc = Cc.repeat_interleave(per_group, 1).permute(0, 3, 1, 2)
+    deltaA = torch.exp(dt.unsqueeze(-1) * A)
+    BX = (dt * x).unsqueeze(-1) * Bc
+    hs = pscan(deltaA, BX)
+    y = (hs * Cc).sum(-1) + D * x
+    return y.transpose(1, 2)
+
+
+def ours(backend: str):
+    def run(u, delta, A, B, C, D, delta_bias):
+        return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True, backend=backend)
+    return run
+
+
+def reference(u, delta, A, B, C, D, delta_bias):
+    return selective_scan_reference(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
+
+
+def time_ms(fn, inputs: dict, backward: bool, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        for t in inputs.values():
+            t.grad = None
+        start = time.perf_counter()
+        if backward:
+            fn(**inputs).square().sum().backward()
+        else:
+            with torch.no_grad():
+                fn(**inputs)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-reference", action="store_true", help="skip the slow sequential loop")
+    parser.add_argument("--cases", nargs="*", default=None, help="subset of case names")
+    args = parser.parse_args()
+    try:
+        import mambapy.pscan  # noqa: F401
+        have_mambapy = True
+    except Exception as exc:  # noqa: BLE001
+        print(f"mambapy not importable ({exc}); skipping it")
+        have_mambapy = False
+    results = []
+    for case in CASES:
+        if args.cases and case.name not in args.cases:
+            continue
+        inputs = make_inputs(case, case.backward)
+        with torch.no_grad():  # agreement check on the benchmark inputs
+            y = ours("chunked")(**inputs)
+            y_ref = mambapy_scan(**inputs) if have_mambapy else None
+        for threads in case.threads:
+            torch.set_num_threads(threads)
+            row = dict(case=case.name, b=case.batch, d=case.channels, L=case.length, n=case.state, threads=threads,
+                       mode="fwd+bwd" if case.backward else "fwd")
+            row["tympan_ms"] = time_ms(ours("chunked"), inputs, case.backward, args.repeat)
+            if have_mambapy:
+                row["mambapy_ms"] = time_ms(mambapy_scan, inputs, case.backward, args.repeat)
+                row["max_abs_diff_vs_mambapy"] = float((y - y_ref).abs().max()) if y_ref is not None else None
+            if not args.skip_reference:
+                row["reference_ms"] = time_ms(reference, inputs, case.backward, 1)
+            others = [row[k] for k in ("mambapy_ms", "reference_ms") if k in row]
+            if others:
+                row["speedup_vs_best_other"] = min(others) / row["tympan_ms"]
+            results.append(row)
+            print(f"{case.name:16s} {row['mode']:7s} threads={threads}  tympan {row['tympan_ms']:9.1f} ms  "
+                  + "  ".join(f"{k[:-3]} {row[k]:9.1f} ms ({row[k] / row['tympan_ms']:.1f}x)"
+                              for k in ("mambapy_ms", "reference_ms") if k in row), flush=True)
+    print(json.dumps({"bench": "selective_scan", "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
