@@ -281,7 +281,7 @@ def convert_official_checkpoint(state: StateDict, model: nn.Module) -> StateDict
 def frontend_buffers(front_end: nn.Module) -> StateDict:
     """The tensors torchaudio stores in the originals' ``front_end.0`` (``spectrogram.window``, ``mel_scale.fb``),
     as our frontend (a :class:`~tympan.features.DashengMel`: periodic Hann, htk mel, no filter norm) computes them."""
-    from tympan.features.mel import _spectrogram_window, mel_filterbank
+    from tympan.features.mel import spectrogram_window, mel_filterbank
 
     names = ("sample_rate", "n_fft", "win_length", "f_min", "f_max", "n_mels")
     if not all(hasattr(front_end, n) for n in names):
@@ -289,7 +289,7 @@ def frontend_buffers(front_end: nn.Module) -> StateDict:
     fe = front_end
     f_max = float(fe.sample_rate // 2) if fe.f_max is None else float(fe.f_max)
     fb = mel_filterbank(fe.n_fft // 2 + 1, float(fe.f_min), f_max, fe.n_mels, fe.sample_rate)
-    window = _spectrogram_window("hann", fe.win_length, torch.device("cpu"), torch.float32)
+    window = spectrogram_window("hann", fe.win_length, torch.device("cpu"), torch.float32)
     return {"spectrogram.window": window, "mel_scale.fb": fb}
 
 
