@@ -278,12 +278,52 @@ def _run_shards(args: argparse.Namespace) -> int:
     return pack_shards_main(args)
 
 
+
+# ---------------------------------------------------------------------------------------------------- probe
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="kNN / linear-probe accuracy of stored embeddings",
+        description="Evaluate an embeddings file (from 'tympan embed') with a cosine kNN or a linear probe "
+        "(logistic regression, weight decay chosen on validation folds) under the datafile's k-fold or "
+        "train/valid/test protocol. Prints a table; --output writes the per-fold figures as JSON.",
+        epilog="example:\n  tympan probe esc10.safetensors ../shared/data/esc10/esc10.csv --method linear "
+        "--label-column category",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("embeddings", type=Path, help="safetensors embeddings file (tensor 'embeddings' [N, D] + keys)")
+    p.add_argument("datafile", type=Path, help="CSV with one row per clip: key, label and fold (or split) columns")
+    p.add_argument("--method", choices=("knn", "linear"), default="knn", help="probe (default knn)")
+    p.add_argument("-k", type=int, default=5, help="neighbours for kNN (default 5)")
+    p.add_argument("--key-column", default="filename", help="column matched to the embeddings' keys")
+    p.add_argument("--label-column", default="target", help="class column")
+    p.add_argument("--fold-column", default="fold", help="fold column for leave-one-fold-out")
+    p.add_argument("--split-column", help="train/valid/test column (fixed split instead of folds)")
+    p.add_argument("--label-separator", help="split the label column on this string (multi-label, reports mAP)")
+    p.add_argument("-o", "--output", type=Path, help="write the results as JSON")
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from tympan.eval.probe import probe_main
+
+    try:
+        probe_main(
+            args.embeddings, args.datafile, args.method, args.k, key_column=args.key_column,
+            label_column=args.label_column, fold_column=args.fold_column, split_column=args.split_column,
+            label_separator=args.label_separator, output=args.output,
+        )
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
     "features": (_add_features, _run_features),
     "tag": (_add_tag, _run_tag),
     "shards": (_add_shards, _run_shards),
+    "probe": (_add_probe, _run_probe),
 }
 
 
