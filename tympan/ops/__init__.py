@@ -1,1 +1,5 @@
 """Numerical kernels shared by model families (selective scan)."""
+
+from tympan.ops.selective_scan import BACKENDS, cuda_kernel_available, selective_scan, selective_scan_reference
+
+__all__ = ["BACKENDS", "cuda_kernel_available", "selective_scan", "selective_scan_reference"]

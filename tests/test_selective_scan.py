@@ -1,0 +1,178 @@
+"""tympan.ops.selective_scan: the chunked scan against the sequential reference (values, gradients, stability)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tympan.ops import selective_scan, selective_scan_reference
+from tympan.ops.chunked_scan import plan_blocks, selective_scan_chunked
+
+
+def make_inputs(batch=2, groups=2, per_group=3, state=2, length=20, *, bc="grouped", with_D=True, with_z=True,
+                with_bias=True, dtype=torch.float64, seed=0, dt_scale=0.5, decay_scale=1.0) -> dict:
+    """Random scan inputs; ``bc``: "grouped" [b, g, n, L], "shared" [b, n, L] or "fixed" [d, n]."""
+    g = torch.Generator().manual_seed(seed)
+    d = groups * per_group
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    bc_shape = {"grouped": (batch, groups, state, length), "shared": (batch, state, length), "fixed": (d, state)}[bc]
+    return dict(
+        u=randn(batch, d, length), delta=dt_scale * randn(batch, d, length),
+        A=-decay_scale * torch.exp(torch.rand(d, state, generator=g, dtype=dtype) * 2 - 1),
+        B=randn(*bc_shape), C=randn(*bc_shape), D=1 + 0.5 * randn(d) if with_D else None,
+        z=randn(batch, d, length) if with_z else None, delta_bias=randn(d) if with_bias else None,
+    )
+
+
+def assert_close(actual, expected, atol, rtol=0.0, msg=None):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, check_dtype=False, msg=msg)
+
+
+scan_settings = st.fixed_dictionaries(dict(
+    batch=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 3), state=st.integers(1, 5),
+    length=st.integers(1, 40), bc=st.sampled_from(["grouped", "shared", "fixed"]), with_D=st.booleans(),
+    with_z=st.booleans(), with_bias=st.booleans(), seed=st.integers(0, 2**16),
+))
+plans = st.tuples(st.one_of(st.none(), st.integers(1, 9)), st.one_of(st.none(), st.integers(1, 17)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=scan_settings, plan=plans, softplus=st.booleans())
+def test_chunked_matches_reference(cfg, plan, softplus):
+    inputs = make_inputs(**cfg)
+    y_ref, last_ref = selective_scan_reference(**inputs, delta_softplus=softplus, return_last_state=True)
+    y, last = selective_scan_chunked(**inputs, delta_softplus=softplus, return_last_state=True,
+                                     chunk_size=plan[0], block_size=plan[1])
+    assert y.shape == y_ref.shape and last.shape == last_ref.shape
+    assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+    assert_close(last, last_ref, atol=1e-12, rtol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=scan_settings, plan=plans)
+def test_gradients_match_reference(cfg, plan):
+    inputs = make_inputs(**cfg)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+    weight = torch.randn(inputs["u"].shape, dtype=torch.float64)
+    grads = []
+    for fn in (selective_scan_reference, lambda **kw: selective_scan_chunked(**kw, chunk_size=plan[0],
+                                                                             block_size=plan[1])):
+        y, last = fn(**inputs, delta_softplus=True, return_last_state=True)
+        grads.append(torch.autograd.grad((y * weight).sum() + last.sum(), list(leaves.values())))
+    for name, g_ref, g in zip(leaves, *grads):
+        assert_close(g, g_ref, atol=1e-10, rtol=1e-9, msg=name)
+
+
+def test_gradcheck_all_inputs():
+    inputs = make_inputs(batch=2, groups=2, per_group=2, state=3, length=11)
+    names = list(inputs)
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        y, last = selective_scan_chunked(**kw, delta_softplus=True, return_last_state=True, chunk_size=2,
+                                         block_size=4)
+        return y, last
+
+    tensors = tuple(inputs[k].requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
+
+
+def test_gradients_moderate_shape_float32():
+    inputs = make_inputs(batch=2, groups=4, per_group=8, state=4, length=300, dtype=torch.float32)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    weight = torch.randn(inputs["u"].shape)
+    grads = []
+    for fn in (selective_scan_reference, selective_scan_chunked):
+        y = fn(**inputs, delta_softplus=True)
+        grads.append(torch.autograd.grad((y * weight).sum(), list(leaves.values())))
+    for name, g_ref, g in zip(leaves, *grads):
+        scale = float(g_ref.abs().max())
+        assert_close(g, g_ref, atol=2e-5 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("state", [1, 16])
+def test_long_sequence_strong_decay_is_stable(state):
+    """L = 8192 with decays down to exp(-200) per step: no inf/nan, matches the float64 reference."""
+    inputs = make_inputs(batch=1, groups=2, per_group=4, state=state, length=8192, dtype=torch.float32,
+                         dt_scale=4.0, decay_scale=20.0, with_z=False)
+    y = selective_scan(**inputs, delta_softplus=True)
+    assert torch.isfinite(y).all()
+    expected = selective_scan_reference(**{k: v.double() for k, v in inputs.items() if v is not None},
+                                        delta_softplus=True)
+    assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_long_sequence_slow_decay_float32():
+    """Near-unit decays over 10k steps (the state integrates): float32 stays close to float64."""
+    inputs = make_inputs(batch=1, groups=1, per_group=8, state=2, length=10000, dtype=torch.float32,
+                         decay_scale=1e-3, with_z=False)
+    inputs["delta"] = inputs["delta"] - 4.0
+    y, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    ref64, last64 = selective_scan_reference(**{k: v.double() for k, v in inputs.items() if v is not None},
+                                             delta_softplus=True, return_last_state=True)
+    scale = float(ref64.abs().max())
+    assert_close(y, ref64, atol=1e-5 * scale, rtol=1e-4)
+    assert_close(last, last64, atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    inputs = make_inputs(batch=2, groups=2, per_group=4, state=4, length=64, dtype=torch.float32)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    y, last = selective_scan(**low, delta_softplus=True, return_last_state=True)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    y_ref = selective_scan_reference(**{k: v.double() for k, v in low.items()}, delta_softplus=True)
+    assert_close(y.double(), y_ref.to(dtype).double(), atol=0.05, rtol=0.02)
+
+
+def test_float32_matches_float64():
+    inputs = make_inputs(batch=2, groups=4, per_group=8, state=4, length=500, dtype=torch.float32)
+    y = selective_scan(**inputs, delta_softplus=True)
+    y64 = selective_scan_reference(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
+    assert y.dtype == torch.float32
+    assert_close(y, y64, atol=2e-5, rtol=1e-5)
+
+
+def test_backends_agree_and_auto_is_chunked_on_cpu():
+    inputs = make_inputs(dtype=torch.float32)
+    y_auto = selective_scan(**inputs, delta_softplus=True)
+    y_chunked = selective_scan(**inputs, delta_softplus=True, backend="chunked")
+    y_ref = selective_scan(**inputs, delta_softplus=True, backend="reference")
+    assert torch.equal(y_auto, y_chunked)
+    assert_close(y_chunked, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_blocks_covers_sequence():
+    for length in (1, 7, 100, 8192):
+        for elements in (1, 768, 49152, 10**6):
+            block, chunk = plan_blocks(length, elements)
+            assert 1 <= chunk <= block <= max(length, 1) and block % chunk == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(u=torch.zeros(2, 6)), "u must be"),
+    (dict(delta=torch.zeros(2, 6, 5)), "delta shape"),
+    (dict(A=torch.zeros(5, 2)), "A must be"),
+    (dict(B=torch.zeros(2, 4, 2, 20)), "B must be"),
+    (dict(C=torch.zeros(2, 3, 20)), "C must be"),
+    (dict(D=torch.zeros(5)), "D must be"),
+    (dict(z=torch.zeros(2, 6, 19)), "z shape"),
+])
+def test_bad_shapes_raise_clear_errors(bad, message):
+    inputs = {**make_inputs(dtype=torch.float32), **bad}
+    for backend in ("chunked", "reference"):
+        with pytest.raises(ValueError, match=message):
+            selective_scan(**inputs, backend=backend)
+
+
+def test_bad_backend_raises():
+    inputs = make_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        selective_scan(**inputs, backend="triton")
+    with pytest.raises(ValueError, match="cuda"):
+        selective_scan(**inputs, backend="cuda")
