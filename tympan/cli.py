@@ -317,6 +317,55 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ------------------------------------------------------------------------------------------ train, evaluate
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe (fine-tuning, distillation, pretraining)",
+        description="Train from a recipe (see recipes/). Logs go to the run folder as JSONL, checkpoints are "
+        "written atomically and --resume continues bit-for-bit. Scale out with torchrun: "
+        "'torchrun --nproc-per-node 4 -m tympan train RECIPE' (gloo on CPU, NCCL on GPU).",
+        epilog="examples:\n  tympan train recipes/fsdd_ssast_tiny.yaml\n"
+        "  tympan train recipes/fsdd_ssast_tiny.yaml --set train.epochs=5 --set optim.lr=3e-4\n"
+        "  tympan train recipes/fsdd_ssast_tiny.yaml --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", type=Path, help="YAML recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe entry, dotted keys, YAML values (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tympan.train import train_main
+
+    return train_main(args.recipe, args.set, resume=args.resume)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="tagging metrics of a trained checkpoint on a datafile",
+        description="Run a checkpoint over a JSON datafile and print mAP, mAUC and d-prime (and accuracy with "
+        "--metric accuracy) as JSON.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="tympan safetensors (or an official file with --model)")
+    p.add_argument("--data", type=Path, required=True, metavar="DATAFILE", help="JSON datafile")
+    p.add_argument("--labels", type=Path, help="class-label CSV (index,mid,display_name)")
+    p.add_argument("--model", metavar="ID", help="model id, needed for official checkpoints")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="pad/crop clips to this length (default 10)")
+    p.add_argument("--metric", choices=("mAP", "accuracy"), default="mAP", help="headline metric")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from tympan.train import evaluate_main
+
+    return evaluate_main(args.checkpoint, args.data, labels=args.labels, model_id=args.model,
+                         clip_seconds=args.clip_seconds, metric=args.metric, batch_size=args.batch_size)
+
+
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
@@ -324,6 +373,8 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "tag": (_add_tag, _run_tag),
     "shards": (_add_shards, _run_shards),
     "probe": (_add_probe, _run_probe),
+    "train": (_add_train, _run_train),
+    "evaluate": (_add_evaluate, _run_evaluate),
 }
 
 

@@ -1,0 +1,67 @@
+"""Training checkpoints: everything a bit-exact resume needs, written atomically.
+
+A checkpoint is one ``torch.save`` file holding the model and optimiser state (unsharded), the EMA, the counters
+(epoch, the next batch of that epoch, optimiser steps), the best metric so far, and every rank's RNG states
+(torch CPU and CUDA, numpy, Python), all as tensors and plain containers so that it loads with
+``torch.load(weights_only=True)``. It is written to a temporary file in the same folder, flushed to disk and
+renamed over the old one, so a process killed at any moment leaves either the old or the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_save", "capture_rng", "load_checkpoint", "restore_rng"]
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` through a temporary file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (torch CPU/CUDA, numpy, Python) as tensors and ints."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},  # fmt: skip
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},  # fmt: skip
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
