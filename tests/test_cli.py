@@ -116,3 +116,35 @@ def test_tag_refuses_an_encoder_and_an_unknown_model(data_dir, capsys):
     sizes = [f"--set={k}={config[k]}" for k in ("embed_dim", "depth", "num_heads")]
     assert main(["tag", clip, "--model", "dasheng-base", "--checkpoint", str(dasheng / "checkpoint.pt"), *sizes]) == 2
     assert "encoder without a classification head" in capsys.readouterr().err
+
+
+def test_embed_then_probe_then_niah(tmp_path, data_dir, capsys):
+    """The evaluation chain a user runs: embeddings of a datafile, a k-fold probe on them, a NIAH sweep."""
+    import csv
+
+    rows = list(csv.DictReader(open(data_dir / "esc10" / "esc10.csv")))
+    chosen = [r for r in rows if r["category"] in ("dog", "rain", "chainsaw")]
+    chosen = [
+        r for fold in "1234" for cat in ("dog", "rain", "chainsaw")
+        for r in [x for x in chosen if x["fold"] == fold and x["category"] == cat][:2]
+    ]
+    datafile = tmp_path / "small.json"
+    datafile.write_text(json.dumps({"data": [
+        {"wav": str(data_dir / "esc10" / "audio" / r["filename"]), "labels": r["category"], "fold": int(r["fold"])}
+        for r in chosen
+    ]}))
+    tiny = ["--set", "embed_dim=64", "--set", "depth=1", "--set", "num_heads=2"]
+    out = tmp_path / "emb.safetensors"
+    assert main(["embed", str(datafile), "--model", "dasheng-base", *tiny, "--random", "-o", str(out),
+                 "--clip-seconds", "2", "--quiet"]) == 0
+    assert main(["probe", str(out), "--method", "knn", "-k", "3", "-o", str(tmp_path / "probe.json")]) == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["num_classes"] == 3 and result["n"] == 24
+    assert [(s["name"], s["n_test"]) for s in result["splits"]] == [(f"fold{i}", 6) for i in range(1, 5)]
+    assert 0.0 <= result["mean"]["accuracy"] <= 1.0
+
+    needle = chosen[0]
+    assert main(["niah", str(data_dir / "esc10" / "audio" / needle["filename"]), "--model", "dass-small", "--set",
+                 "depths=[1,1,1,1]", "--random", "--durations", "10", "20", "--positions", "0.5",
+                 "--num-needles", "1", "-o", str(tmp_path / "niah")]) == 0
+    assert {p.name for p in (tmp_path / "niah").iterdir()} >= {"niah.json", "niah.png", "niah.txt"}

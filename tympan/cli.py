@@ -121,7 +121,10 @@ def _parse_overrides(items: Sequence[str]) -> dict:
 def _load_model(args: argparse.Namespace):
     import tympan
 
-    return tympan.load(args.model, checkpoint=args.checkpoint, **_parse_overrides(args.set))
+    overrides = _parse_overrides(args.set)
+    if args.random and args.checkpoint is None:
+        return tympan.create_model(args.model, **overrides).eval()
+    return tympan.load(args.model, checkpoint=args.checkpoint, **overrides)
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,6 +137,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config entry of the model, e.g. --set depth=2 --set input_tdim=512 (repeatable)",
     )
+    p.add_argument("--random", action="store_true",
+                   help="keep the random initialisation instead of loading weights (a sanity floor)")
 
 
 def _add_tag(sub: argparse._SubParsersAction) -> None:
@@ -287,18 +292,21 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
         description="Evaluate an embeddings file (from 'tympan embed') with a cosine kNN or a linear probe "
         "(logistic regression, weight decay chosen on validation folds) under the datafile's k-fold or "
         "train/valid/test protocol. Prints a table; --output writes the per-fold figures as JSON.",
-        epilog="example:\n  tympan probe esc10.safetensors ../shared/data/esc10/esc10.csv --method linear "
-        "--label-column category",
+        epilog="examples:\n  tympan probe esc10-dasheng.safetensors --method linear\n"
+        "  tympan probe esc10.safetensors ../shared/data/esc10/esc10.csv --label-column category",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("embeddings", type=Path, help="safetensors embeddings file (tensor 'embeddings' [N, D] + keys)")
-    p.add_argument("datafile", type=Path, help="CSV with one row per clip: key, label and fold (or split) columns")
+    p.add_argument("datafile", type=Path, nargs="?",
+                   help="CSV with one row per clip: key, label and fold (or split) columns; default: the labels and "
+                   "folds that 'tympan embed' stored in the embeddings file")
     p.add_argument("--method", choices=("knn", "linear"), default="knn", help="probe (default knn)")
     p.add_argument("-k", type=int, default=5, help="neighbours for kNN (default 5)")
     p.add_argument("--key-column", default="filename", help="column matched to the embeddings' keys")
     p.add_argument("--label-column", default="target", help="class column")
     p.add_argument("--fold-column", default="fold", help="fold column for leave-one-fold-out")
-    p.add_argument("--split-column", help="train/valid/test column (fixed split instead of folds)")
+    p.add_argument("--split-column", help="train/valid/test column (fixed split instead of folds); without a "
+                   "datafile, any value selects the stored splits")
     p.add_argument("--label-separator", help="split the label column on this string (multi-label, reports mAP)")
     p.add_argument("-o", "--output", type=Path, help="write the results as JSON")
 
@@ -366,13 +374,62 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                          clip_seconds=args.clip_seconds, metric=args.metric, batch_size=args.batch_size)
 
 
+
+# ------------------------------------------------------------------------------------------- embed, niah
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    from tympan.eval.embed import add_embed_arguments
+
+    p = sub.add_parser(
+        "embed",
+        help="embeddings of every clip of a datafile, in one file",
+        description="Compute HEAR-style scene embeddings (or pooled timestamp embeddings) for every clip of a "
+        "datafile with a progress bar; bad files are reported and skipped, and an interrupted run resumes "
+        "from its partial file. The output feeds 'tympan probe'.",
+        epilog="example:\n  tympan embed esc10.json --model dasheng-base -o esc10-dasheng.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(p)
+    add_embed_arguments(p)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from tympan.eval.embed import run_embed
+
+    return run_embed(args, overrides=_parse_overrides(args.set))
+
+
+def _add_niah(sub: argparse._SubParsersAction) -> None:
+    from tympan.eval.niah import add_niah_arguments
+
+    p = sub.add_parser(
+        "niah",
+        help="needle-in-an-audio-haystack duration test",
+        description="Insert needle clips into haystacks of zeros, white noise or babble of growing duration and "
+        "measure how well the model still finds them (mAP, rank, retention). Each model reads the haystack its "
+        "own way (whole sequence for DASS/SSAM, windows for AST/Dasheng, streaming for SAT). Writes niah.json, "
+        "niah.txt and niah.png to the output folder.",
+        epilog="example:\n  tympan niah clip.wav --model dass-small --random --durations 10 60 600 -o niah/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(p)
+    add_niah_arguments(p)
+
+
+def _run_niah(args: argparse.Namespace) -> int:
+    from tympan.eval.niah import run_niah_args
+
+    return run_niah_args(args, overrides=_parse_overrides(args.set))
+
+
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
     "features": (_add_features, _run_features),
     "tag": (_add_tag, _run_tag),
     "shards": (_add_shards, _run_shards),
+    "embed": (_add_embed, _run_embed),
     "probe": (_add_probe, _run_probe),
+    "niah": (_add_niah, _run_niah),
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
 }

@@ -485,9 +485,23 @@ def _match_rows(keys: Sequence[str], wanted: Sequence[str], source: str) -> np.n
     raise ValueError(f"{source}: {len(missing)} of {len(wanted)} datafile rows have no embedding, e.g. {missing[0]!r}")
 
 
+def _rows_from_info(store, name: str) -> tuple[list[dict[str, str]], set[str]]:
+    """Rows (key, labels, fold, split) from an embeddings file written by ``tympan embed``."""
+    info = store.info
+    if "labels" not in info:
+        raise ValueError(f"{name}: holds no labels; give the datafile CSV")
+    n = len(store.keys)
+    folds, splits = info.get("folds") or [None] * n, info.get("splits") or [None] * n
+    rows = [
+        {"key": k, "labels": "\t".join(map(str, labels)), "fold": "" if f is None else str(f), "split": s or ""}
+        for k, labels, f, s in zip(store.keys, info["labels"], folds, splits)
+    ]
+    return rows, {"key", "labels", "fold", "split"}
+
+
 def probe_main(
     embeddings_file: str | os.PathLike,
-    datafile: str | os.PathLike,
+    datafile: str | os.PathLike | None = None,
     method: Method = "knn",
     k: int = 5,
     *,
@@ -502,16 +516,24 @@ def probe_main(
 ) -> dict[str, Any]:
     """Probe an embeddings file against a CSV datafile; print a table, optionally write the result as JSON.
 
+    Without a datafile, the labels and folds (or splits) stored in the embeddings file by ``tympan embed`` are used.
     The datafile has one row per clip: `key_column` (matched to the embeddings' keys), `label_column` (a class
     name/number; with `label_separator`, several per row -> multi-label) and `fold_column` (k-fold) or
     `split_column` (train/valid/test; takes precedence when given). Returns :func:`evaluate`'s dict plus the
     file names and class names.
     """
     store = load_embeddings(embeddings_file)
-    with open(datafile, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = set(reader.fieldnames or ())
+    if datafile is None:  # the labels/folds/splits `tympan embed` stored beside the embeddings
+        rows, columns = _rows_from_info(store, str(embeddings_file))
+        key_column, label_column = "key", "labels"
+        fold_column, split_column = ("fold", None) if split_column is None else (None, "split")
+        if label_separator is None and any("\t" in r["labels"] for r in rows):
+            label_separator = "\t"
+    else:
+        with open(datafile, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     protocol_column = split_column or fold_column
     needed = {key_column, label_column} | ({protocol_column} if protocol_column else set())
     if not protocol_column or needed - columns:

@@ -1,0 +1,236 @@
+"""Embeddings of a whole datafile through the HEAR wrapper, into ONE file that :mod:`tympan.eval.probe` reads.
+
+Each clip of a JSON datafile (:func:`tympan.data.read_datafile`) is decoded at 16 kHz mono, optionally cropped or
+zero-padded to ``clip_seconds``, and embedded with :class:`tympan.hear.HearModel`: its scene embedding
+(``pooling="scene"``) or its timestamp embeddings pooled over time (``"mean"``, ``"max"``, ``"meanmax"`` = both,
+concatenated). Consecutive clips of equal length run as one batch.
+
+The result is a ``tympan.embeddings.v1`` safetensors file (:func:`tympan.eval.probe.save_embeddings`): ``embeddings
+[N, D]`` in datafile order, ``keys`` = the clips' paths, and ``info`` holding the model id, checkpoint, pooling,
+``labels`` / ``folds`` / ``splits`` per row and the ``skipped`` files with their reasons.
+
+Long runs are resumable: every ``save_every`` clips the rows done so far go to ``<output>.partial.safetensors``; a
+new run with the same model and settings reuses them (files that failed before are reported again, not retried).
+A file that cannot be decoded is reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tympan.hear import SAMPLE_RATE, HearModel
+
+POOLINGS = ("scene", "mean", "max", "meanmax")
+PARTIAL_SUFFIX = ".partial.safetensors"
+
+__all__ = ["EmbedResult", "POOLINGS", "add_embed_arguments", "embed_datafile", "embed_main", "pool_embeddings",
+           "run_embed"]  # fmt: skip
+
+
+@dataclass
+class EmbedResult:
+    """Where the embeddings went, how many rows, and which files were skipped (path, reason)."""
+
+    path: Path
+    rows: int
+    dim: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    reused: int = 0
+
+
+def pool_embeddings(model: HearModel, audio: Tensor, pooling: str) -> Tensor:
+    """``[n, samples]`` -> ``[n, D]`` (``2 D`` for ``meanmax``): the scene embedding or pooled timestamp embeddings."""
+    if pooling == "scene":
+        return model.scene_embeddings(audio)
+    frames, _ = model.timestamp_embeddings(audio)
+    if pooling == "mean":
+        return frames.mean(1)
+    if pooling == "max":
+        return frames.amax(1)
+    if pooling == "meanmax":
+        return torch.cat([frames.mean(1), frames.amax(1)], dim=1)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+def _signature(model: HearModel, pooling: str, clip_seconds: float | None, checkpoint: str | None) -> dict[str, Any]:
+    return {"model": model.model_id, "checkpoint": checkpoint, "pooling": pooling, "clip_seconds": clip_seconds,
+            "sample_rate": SAMPLE_RATE}  # fmt: skip
+
+
+def _load_partial(path: Path, signature: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Rows and failures of a previous run with the same signature (empty if none or different)."""
+    from tympan.eval.probe import load_embeddings
+
+    if not path.is_file():
+        return {}, {}
+    try:
+        stored = load_embeddings(path)
+    except ValueError:
+        return {}, {}
+    if {k: stored.info.get(k) for k in signature} != signature:
+        return {}, {}
+    rows = dict(zip(stored.keys, stored.embeddings))
+    return rows, {p: r for p, r in stored.info.get("skipped", [])}
+
+
+def _save_atomic(path: Path, embeddings: np.ndarray, keys: Sequence[str], info: dict[str, Any]) -> None:
+    from tympan.eval.probe import save_embeddings
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_embeddings(tmp, embeddings, list(keys), info)
+    os.replace(tmp, path)
+
+
+def _load_clip(path: str, clip_samples: int | None) -> np.ndarray:
+    from tympan import audio
+
+    samples = audio.load(path, sample_rate=SAMPLE_RATE, mono=True)
+    if clip_samples is not None:
+        samples = np.pad(samples[:clip_samples], (0, max(0, clip_samples - samples.shape[0])))
+    if samples.shape[0] < 400:
+        raise ValueError(f"{path}: {samples.shape[0]} samples, shorter than one 25 ms frame")
+    return samples
+
+
+def _equal_length_batches(
+    paths: Sequence[str], clip_samples: int | None, batch_size: int, failed: dict[str, str]
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Decoded clips grouped into runs of equal length (at most ``batch_size``); failures go into ``failed``."""
+    batch: list[str] = []
+    clips: list[np.ndarray] = []
+    for path in paths:
+        try:
+            clip = _load_clip(path, clip_samples)
+        except (ValueError, OSError) as err:  # AudioError is a ValueError: one line naming file and reason
+            failed[path] = str(err).removeprefix(f"{path}: ")
+            continue
+        if clips and (clip.shape[0] != clips[0].shape[0] or len(clips) == batch_size):
+            yield batch, np.stack(clips)
+            batch, clips = [], []
+        batch.append(path)
+        clips.append(clip)
+    if clips:
+        yield batch, np.stack(clips)
+
+
+def embed_datafile(
+    model: HearModel,
+    datafile: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    pooling: str = "scene",
+    clip_seconds: float | None = None,
+    batch_size: int = 8,
+    save_every: int = 64,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed every clip of ``datafile`` into ``output`` (see the module docstring); returns an :class:`EmbedResult`."""
+    from tqdm.auto import tqdm
+
+    from tympan.data import read_datafile
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if batch_size < 1 or save_every < 1:
+        raise ValueError("batch_size and save_every must be >= 1")
+    records = read_datafile(datafile)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    signature = _signature(model, pooling, clip_seconds, checkpoint)
+    done, failed = _load_partial(partial, signature)
+    reused = len(done)
+    todo = [r.wav for r in records if r.wav not in done and r.wav not in failed]
+    clip_samples = None if clip_seconds is None else int(round(clip_seconds * SAMPLE_RATE))
+
+    def checkpoint_rows() -> None:
+        keys = list(done)
+        rows = np.stack([done[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+        _save_atomic(partial, rows, keys, {**signature, "skipped": sorted(failed.items())})
+
+    unsaved = 0
+    with tqdm(total=len(records), initial=len(records) - len(todo), unit="clip", disable=not progress,
+              desc=os.path.basename(str(datafile))) as bar:  # fmt: skip
+        for paths, clips in _equal_length_batches(todo, clip_samples, batch_size, failed):
+            vectors = pool_embeddings(model, torch.from_numpy(clips), pooling).cpu().numpy()
+            done.update(zip(paths, vectors))
+            unsaved += len(paths)
+            bar.update(len(paths))
+            if unsaved >= save_every:
+                checkpoint_rows()
+                unsaved = 0
+        bar.update(len(records) - bar.n)
+    kept = [r for r in records if r.wav in done]
+    if not kept:
+        raise ValueError(f"{datafile}: no clip could be embedded ({len(failed)} failed)")
+    embeddings = np.stack([done[r.wav] for r in kept]).astype(np.float32)
+    info = {
+        **signature,
+        "datafile": str(datafile),
+        "labels": [list(r.labels) for r in kept],
+        "folds": [r.fold for r in kept],
+        "splits": [r.split for r in kept],
+        "skipped": sorted(failed.items()),
+    }
+    _save_atomic(output, embeddings, [r.wav for r in kept], info)
+    partial.unlink(missing_ok=True)
+    return EmbedResult(output, len(kept), embeddings.shape[1], sorted(failed.items()), reused)
+
+
+def embed_main(
+    model_id: str,
+    datafile: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    checkpoint: str | None = None,
+    pooling: str = "scene",
+    clip_seconds: float | None = None,
+    batch_size: int = 8,
+    save_every: int = 64,
+    device: str = "cpu",
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    pretrained: bool = True,
+) -> EmbedResult:
+    """``tympan embed``: load ``model_id`` (official weights, ``checkpoint``, or random with ``pretrained=False``), embed ``datafile`` into ``output``,
+    print a one-line summary and the skipped files."""
+    from tympan.hear import load_model
+
+    model = load_model(checkpoint or "", model_id=model_id, pretrained=pretrained, **(overrides or {})).to(device)
+    result = embed_datafile(model, datafile, output, pooling=pooling, clip_seconds=clip_seconds,
+                            batch_size=batch_size, save_every=save_every, checkpoint=checkpoint, progress=progress)  # fmt: skip
+    print(f"{result.path}: {result.rows} clips x {result.dim} ({pooling}, {model_id})"
+          + (f", {result.reused} reused from a previous run" if result.reused else ""))  # fmt: skip
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}")
+    return result
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``tympan embed`` besides the model ones (``--model/--checkpoint/--set``, added by the CLI)."""
+    parser.add_argument("datafile", help="JSON datafile ({'data': [{'wav': ..., 'labels': ...}, ...]})")
+    parser.add_argument("-o", "--output", required=True, help="embeddings file to write (.safetensors)")
+    parser.add_argument("--pooling", choices=POOLINGS, default="scene",
+                        help="scene embedding, or timestamp embeddings pooled by mean / max / both")  # fmt: skip
+    parser.add_argument("--clip-seconds", type=float, help="crop or zero-pad every clip to this length")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--save-every", type=int, default=64, help="clips between resumable partial saves")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_embed(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
+    embed_main(args.model, args.datafile, args.output, checkpoint=args.checkpoint, pooling=args.pooling,
+               clip_seconds=args.clip_seconds, batch_size=args.batch_size, save_every=args.save_every,
+               device=args.device, overrides=overrides, progress=not args.quiet,
+               pretrained=not args.random)  # fmt: skip
+    return 0
