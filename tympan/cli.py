@@ -20,6 +20,9 @@ EPILOG = """examples:
   tympan models 'ast-*'                           only the AST family
   tympan features clip.wav --frontend kaldi-fbank -o feats/
                                                   write clip.npy with Kaldi fbank features
+  tympan embed esc10.json --model dasheng-base -o esc10.safetensors && tympan probe esc10.safetensors
+                                                  embeddings of a dataset, then a k-fold kNN probe
+  tympan train recipes/fsdd_ssast_tiny.yaml       train from a recipe
 run 'tympan COMMAND --help' for the options of each command."""
 
 
