@@ -229,7 +229,8 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_embed(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
-    embed_main(args.model, args.datafile, args.output, checkpoint=args.checkpoint, pooling=args.pooling,
+    checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
+    embed_main(args.model, args.datafile, args.output, checkpoint=checkpoint, pooling=args.pooling,
                clip_seconds=args.clip_seconds, batch_size=args.batch_size, save_every=args.save_every,
                device=args.device, overrides=overrides, progress=not args.quiet,
                pretrained=not args.random)  # fmt: skip

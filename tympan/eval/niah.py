@@ -502,7 +502,8 @@ def add_niah_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_niah_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
-    niah_main(args.model, args.needles, args.output_dir, checkpoint=args.checkpoint, pretrained=not args.random,
+    checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
+    niah_main(args.model, args.needles, args.output_dir, checkpoint=checkpoint, pretrained=not args.random,
               durations=args.durations, positions=args.positions, haystack=args.haystack, snr_db=args.snr,
               babble_path=args.babble, needle_seconds=args.needle_seconds, num_needles=args.num_needles,
               labels=args.labels, top_k=args.top_k, aggregate=args.aggregate, seed=args.seed, device=args.device,
