@@ -214,3 +214,21 @@ def test_embed_resumes_from_partial_results(esc10_subset, tmp_path):
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
     with pytest.raises(ValueError, match="pooling"):
         embed_datafile(model, datafile, output, pooling="median", progress=False)
+
+
+def test_embed_skips_a_clip_the_model_rejects(tmp_path, data_dir):
+    """A clip shorter than one SAT patch is reported under `skipped`; the other clips are kept."""
+    import soundfile as sf
+
+    from tympan.eval.embed import embed_datafile
+    from tympan.eval.probe import load_embeddings
+
+    good = sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[:2]
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(800, dtype=np.float32) + 0.01, SR)  # 50 ms: less than one 16-frame patch
+    datafile = tmp_path / "d.json"
+    datafile.write_text(json.dumps({"data": [{"wav": str(p), "labels": "x"} for p in [good[0], short, good[1]]]}))
+    model = HearModel(tiny("sat-tiny-2s"))
+    result = embed_datafile(model, datafile, tmp_path / "e.safetensors", clip_seconds=None, progress=False)
+    assert [path for path, _ in result.skipped] == [str(short)]
+    assert load_embeddings(tmp_path / "e.safetensors").keys == [str(good[0]), str(good[1])]

@@ -121,6 +121,22 @@ def _equal_length_batches(
         yield batch, np.stack(clips)
 
 
+def _embed_batch(
+    model: HearModel, paths: list[str], clips: np.ndarray, pooling: str, failed: dict[str, str]
+) -> list[tuple[str, np.ndarray]]:
+    """Embeddings of one batch; a clip the model rejects (e.g. shorter than one patch) is recorded in ``failed``.
+
+    Equal-length batches fail or succeed together, so a rejected batch is the one case that is retried clip by clip
+    (to name the clip and keep the others)."""
+    try:
+        return list(zip(paths, pool_embeddings(model, torch.from_numpy(clips), pooling).cpu().numpy()))
+    except ValueError as err:
+        if len(paths) == 1:
+            failed[paths[0]] = str(err)
+            return []
+    return [row for i, path in enumerate(paths) for row in _embed_batch(model, [path], clips[i : i + 1], pooling, failed)]
+
+
 def embed_datafile(
     model: HearModel,
     datafile: str | os.PathLike,
@@ -161,8 +177,7 @@ def embed_datafile(
     with tqdm(total=len(records), initial=len(records) - len(todo), unit="clip", disable=not progress,
               desc=os.path.basename(str(datafile))) as bar:  # fmt: skip
         for paths, clips in _equal_length_batches(todo, clip_samples, batch_size, failed):
-            vectors = pool_embeddings(model, torch.from_numpy(clips), pooling).cpu().numpy()
-            done.update(zip(paths, vectors))
+            done.update(_embed_batch(model, paths, clips, pooling, failed))
             unsaved += len(paths)
             bar.update(len(paths))
             if unsaved >= save_every:
