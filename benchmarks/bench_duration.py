@@ -6,9 +6,15 @@ from the waveform, log-mel included, since that is how it consumes long audio). 
 Each (model, duration) runs in a fresh process so its peak memory is its own: the process's peak RSS on CPU
 (weights and input included),
 ``torch.cuda.max_memory_allocated`` on CUDA. A model stops at the first duration whose extrapolated memory
-(power-law fit of the last two points) would pass ``--max-gb`` or whose time would pass ``--max-seconds``.
+(power-law fit of the last two points) would pass ``--max-gb`` or whose time would pass ``--max-seconds``;
+its row then gives that prediction instead of a measurement.
 
-    python -m benchmarks.bench_duration [--device cpu|cuda] [--threads 2] [--durations 10 30 60 300 600 1800 3600]
+Each row reports wall time and the process's CPU time (user + sys) for the timed run, cost per audio second
+relative to the model's shortest duration (the goal: within 1.5x of the 10 s value up to 60 min), peak memory
+and the 1-minute load average before the run (other jobs on the machine inflate wall times; CPU time is the
+steadier figure when the load exceeds ``--threads``).
+
+    python -m benchmarks.bench_duration [--device cpu|cuda] [--threads 2] [--durations 10 60 600 3600]
         [--models dass-small ssam-tiny ast-base384] [--max-gb 16] [--max-seconds 600] [--json out.json]
 """
 
@@ -18,17 +24,23 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import resource
 import time
 
 SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 100
 MODELS = ("dass-small", "ssam-tiny", "ast-base384")
-DURATIONS = (10, 30, 60, 300, 600, 1800, 3600)
+DURATIONS = (10, 60, 600, 3600)
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _measure(model_id: str, seconds: float, device: str, threads: int, queue) -> None:
@@ -54,14 +66,15 @@ def _measure(model_id: str, seconds: float, device: str, threads: int, queue) ->
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        load = os.getloadavg()[0]
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         run(x)
         if device == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
-    queue.put({"model": model_id, "seconds": seconds, "time_s": elapsed, "peak_gb": peak / 2**30,
-               "realtime_factor": seconds / elapsed})
+    queue.put({"model": model_id, "seconds": seconds, "time_s": elapsed, "cpu_s": cpu, "peak_gb": peak / 2**30,
+               "realtime_factor": seconds / elapsed, "load_avg": load})
 
 
 def run_one(model_id: str, seconds: float, device: str, threads: int) -> dict:
@@ -99,7 +112,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    print(f"{'model':14s} {'duration':>9s} {'time s':>9s} {'ms / audio s':>13s} {'x realtime':>11s} {'peak GB':>8s}")
+    print(f"{'model':14s} {'duration':>9s} {'wall s':>8s} {'ms/audio s':>11s} {'vs first':>9s} {'cpu s':>8s} "
+          f"{'cpu ms/s':>9s} {'vs first':>9s} {'peak GB':>8s} {'load':>5s}")
     for model_id in args.models:
         memory, times = [], []
         for seconds in sorted(args.durations):
@@ -117,8 +131,12 @@ def main() -> None:
                 break
             memory.append((seconds, row["peak_gb"]))
             times.append((seconds, row["time_s"]))
-            print(f"{model_id:14s} {seconds:>8.0f}s {row['time_s']:9.2f} {1000 * row['time_s'] / seconds:13.1f} "
-                  f"{row['realtime_factor']:11.1f} {row['peak_gb']:8.2f}")
+            first = next(r for r in rows if r["model"] == model_id)
+            row["relative_cost"] = (row["time_s"] / seconds) / (first["time_s"] / first["seconds"])
+            row["relative_cpu"] = (row["cpu_s"] / seconds) / (first["cpu_s"] / first["seconds"])
+            print(f"{model_id:14s} {seconds:>8.0f}s {row['time_s']:8.2f} {1000 * row['time_s'] / seconds:11.1f} "
+                  f"{row['relative_cost']:8.2f}x {row['cpu_s']:8.2f} {1000 * row['cpu_s'] / seconds:9.1f} "
+                  f"{row['relative_cpu']:8.2f}x {row['peak_gb']:8.2f} {row['load_avg']:5.1f}", flush=True)
     text = json.dumps({"device": args.device, "threads": args.threads, "rows": rows}, indent=2)
     print(text)
     if args.json:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import tympan
 from tests.parity import fixtures_root
 from tympan.checkpoints import read_checkpoint
+from tympan.models import dass as dass_module
 from tympan.models.dass import convert_dass_checkpoint, cross_merge, cross_scan, dass_config_from_state
 from tympan.models.mamba import MambaMixer
 from tympan.models.ssam import hear_timestamps, read_official_checkpoint, regroup_tokens, ssam_config_from_state
@@ -118,6 +119,42 @@ def test_dass_batch_items_are_independent():
     fbank = torch.randn(3, 40, 128)
     with torch.no_grad():
         torch.testing.assert_close(model(fbank)[1:2], model(fbank[1:2]), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 2), st.integers(1, 40), st.integers(1, 9))
+def test_conv_columns_tiles_equal_the_whole_convolution(kernel, stride, width, tile):
+    conv = torch.nn.Conv2d(3, 4, 2 * kernel - 1, stride=stride, padding=kernel - 1)
+    x = torch.randn(2, 3, 5, width)
+    whole = conv(x)
+    with torch.no_grad():
+        tiled = dass_module.map_columns(
+            lambda lo, hi: dass_module.conv_columns(conv, lambda a, b: x[..., a:b], width, min(lo, hi), hi),
+            dass_module.conv_width(conv, width), dass_module.TILE_POSITIONS // tile)
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_dass_tiled_inference_matches_the_autograd_path():
+    """Eval without grad runs long maps tile by tile (column tiles; per-direction scans): same numbers."""
+    model = tympan.create_model("dass-small", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=5).eval()
+    fbank = torch.randn(2, 1100, 128)  # stage 0: 2 x 32 x 275 positions, over TILE_POSITIONS
+    assert 2 * 32 * 275 > dass_module.TILE_POSITIONS
+    with torch.no_grad():
+        tiled = model.forward_features(fbank)
+    with torch.enable_grad():
+        whole = model.forward_features(fbank)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tile_elements", [1, 3000])  # channel tiles of SCAN_TILE_CHANNELS, and of 3000 // L
+def test_ss2d_scans_in_channel_tiles_like_the_grouped_scan(tile_elements):
+    op = dass_module.SS2D(70, d_state=2).eval()
+    u = torch.randn(2, 70, 5, 7)
+    with torch.no_grad():
+        tiled = op.mix(u, tile_elements=tile_elements)
+    with torch.enable_grad():
+        grouped = op.mix(u)
+    torch.testing.assert_close(tiled, grouped, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- gradients

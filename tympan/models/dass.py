@@ -27,7 +27,7 @@ official (``module.v.`` stripped)            tympan
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,12 @@ from tympan.models.registry import ModelEntry, StateDict, Weights, register_mode
 from tympan.ops import selective_scan
 
 NUM_DIRECTIONS = 4
+# Inference works on column (time) tiles of this many map positions (batch x rows x columns), and scans a long
+# map one direction and one channel tile (at least SCAN_TILE_CHANNELS, at most SCAN_TILE_ELEMENTS elements unless
+# that is fewer channels) at a time, so its temporaries stay small whatever the input length.
+TILE_POSITIONS = 1 << 14
+SCAN_TILE_ELEMENTS = 1 << 22
+SCAN_TILE_CHANNELS = 32
 
 # ------------------------------------------------------------------------------------------- functional core
 
@@ -62,6 +68,47 @@ def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
     rows = both[:, 0].reshape(b, c, height, width)
     cols = both[:, 1].reshape(b, c, width, height).transpose(2, 3)
     return rows + cols
+
+
+def tiled_inference() -> bool:
+    """True when forward passes may run tile by tile: no autograd graph and no tracing / export / compiling."""
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_compiling())
+
+
+def map_columns(fn: Callable[[int, int], Tensor], width: int, rows: int, out: Tensor | None = None) -> Tensor:
+    """Columns ``[lo, hi)`` of a ``[B, C, H, width]`` map computed as ``fn(lo, hi)``, tile by tile, into ``out``.
+
+    A tile holds about :data:`TILE_POSITIONS` positions (``rows`` = B * H of the output). ``fn`` may read
+    ``out``'s own columns (per-position updates in place) but no others.
+    """
+    step = max(1, TILE_POSITIONS // max(rows, 1))
+    for lo in range(0, width, step):
+        hi = min(lo + step, width)
+        tile = fn(lo, hi)
+        if out is None:
+            out = tile.new_empty(*tile.shape[:-1], width)
+        out[..., lo:hi] = tile
+    return out
+
+
+def conv_width(conv: nn.Conv2d, width: int) -> int:
+    """Output width of ``conv`` on an input ``width`` columns wide."""
+    k, s, p, d = conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1]
+    return (width + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv_columns(conv: nn.Conv2d, columns: Callable[[int, int], Tensor], width: int, lo: int, hi: int) -> Tensor:
+    """Output columns ``[lo, hi)`` of ``conv`` on a map ``width`` wide whose columns ``[a, b)`` are ``columns(a, b)``.
+
+    Only the receptive field of the tile is computed; the zero padding beyond the map's edges is added here.
+    """
+    k, s, p, d = conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1]
+    first, stop = lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1
+    inner_first, inner_stop = max(first, 0), min(stop, width)
+    x = F.pad(columns(inner_first, inner_stop), (inner_first - first, stop - inner_stop))
+    return F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=(conv.padding[0], 0),
+                    dilation=conv.dilation, groups=conv.groups)
 
 
 # ----------------------------------------------------------------------------------------------------- modules
@@ -127,24 +174,82 @@ class SS2D(nn.Module):
         dt_bias_init(self.dt_projs_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.silu(self.conv2d(self.in_proj(x)))
-        b, c, h, w = x.shape
-        xs = cross_scan(x)  # [B, 4, C, L]
+        u = F.silu(self.conv2d(self.in_proj(x)))
+        return self.project_out(self.mix(u), x.dtype)
+
+    def project_out(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """out_proj(out_norm(y)) of merged scan outputs ``y`` (float32), cast back to the input dtype."""
+        return self.out_proj(self.out_norm(y).to(dtype))
+
+    def scan_parameters(self, channels: slice = slice(None)) -> tuple[Tensor, Tensor, Tensor]:
+        """``A`` [4, C', N], ``D`` and ``delta_bias`` [4, C'] (float32) of the given channels of every direction."""
+        k, n = NUM_DIRECTIONS, self.d_state
+        A = -torch.exp(self.A_logs.float()).view(k, -1, n)[:, channels]
+        return A, self.Ds.float().view(k, -1)[:, channels], self.dt_projs_bias.float()[:, channels]
+
+    def mix(self, u: Tensor, tile_elements: int = SCAN_TILE_ELEMENTS) -> Tensor:
+        """The four directional scans of ``u`` [B, C, H, W] merged (float32, before ``out_norm``).
+
+        With autograd (or tracing), or when the four readings are small, the four directions run as one grouped
+        scan; otherwise (inference on a long map) they run one direction and one channel tile at a time,
+        accumulating into the merged map, so no four-fold copy of the map exists. Both orders add the same terms
+        in the same order. ``tile_elements``: the size above which the map is scanned in tiles (tests lower it).
+        """
+        if tiled_inference() and NUM_DIRECTIONS * u.numel() > tile_elements:
+            return self._mix_tiled(u, tile_elements)
+        b, c, h, w = u.shape
+        xs = cross_scan(u)  # [B, 4, C, L]
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # [B, 4, R + 2N, L]
         dts, bs, cs = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts)  # [B, 4, C, L]
+        A, D, delta_bias = self.scan_parameters()
         ys = selective_scan(
             xs.reshape(b, -1, h * w),
             dts.reshape(b, -1, h * w),
-            -torch.exp(self.A_logs.float()),
+            A.reshape(-1, self.d_state),
             bs.contiguous(),
             cs.contiguous(),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            D=D.reshape(-1),
+            delta_bias=delta_bias.reshape(-1),
             delta_softplus=True,
         )
-        y = cross_merge(ys.reshape(b, NUM_DIRECTIONS, c, h * w), h, w)
-        return self.out_proj(self.out_norm(y).to(x.dtype))
+        return cross_merge(ys.reshape(b, NUM_DIRECTIONS, c, h * w), h, w)
+
+    def _mix_tiled(self, u: Tensor, tile_elements: int) -> Tensor:
+        b, c, h, w = u.shape
+        r, n = self.dt_rank, self.d_state
+        rows = u.flatten(2)  # direction 0 is a view of the map
+
+        def transposed(t: Tensor) -> Tensor:  # [B, ., L] in row order -> column order
+            return t.reshape(b, -1, h, w).transpose(2, 3).reshape(b, -1, h * w)
+
+        def reading(t: Tensor, direction: int) -> Tensor:  # row-order [B, ., L] as read by ``direction``
+            t = transposed(t) if direction % 2 else t
+            return t.flip(-1) if direction >= 2 else t
+
+        # x_proj of every direction from the row-order map (a per-position product: reorder the small result)
+        projections = torch.matmul(self.x_proj_weight.reshape(-1, c), rows).view(b, NUM_DIRECTIONS, r + 2 * n, -1)
+        projections = [reading(projections[:, k], k) for k in range(NUM_DIRECTIONS)]
+        merged = torch.empty(b, c, h, w, dtype=torch.float32, device=u.device)
+        tiles = -(-c // max(min(SCAN_TILE_CHANNELS, c), tile_elements // rows[:, 0].numel()))
+        step = -(-c // tiles)
+        for start in range(0, c, step):
+            channels = slice(start, min(start + step, c))
+            A, D, delta_bias = self.scan_parameters(channels)
+            tile = rows[:, channels]
+
+            def scan(k: int) -> Tensor:
+                dt, bs, cs = projections[k].split([r, n, n], dim=1)
+                delta = torch.matmul(self.dt_projs_weight[k, channels], dt)
+                return selective_scan(reading(tile, k), delta, A[k], bs, cs, D=D[k], delta_bias=delta_bias[k],
+                                      delta_softplus=True)
+
+            along_rows = scan(0).add_(scan(2).flip(-1))
+            merged[:, channels] = along_rows.view(b, -1, h, w)
+            del along_rows
+            along_cols = scan(1).add_(scan(3).flip(-1))
+            merged[:, channels] += along_cols.view(b, -1, w, h).transpose(2, 3)
+        return merged
 
 
 class VSSBlock(nn.Module):
@@ -159,8 +264,22 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and tiled_inference():
+            return self._forward_tiled(x)
         x = x + self.drop_path(self.op(self.norm(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_tiled(self, x: Tensor) -> Tensor:
+        """The eval forward over column tiles: only ``x``, the scan input, the merged scans and the output are whole
+        maps (the norms, projections, depthwise conv and MLP see one tile at a time)."""
+        op, (b, _, h, w) = self.op, x.shape
+        u = map_columns(lambda lo, hi: F.silu(conv_columns(
+            op.conv2d, lambda a, z: op.in_proj(self.norm(x[..., a:z])), w, lo, hi)), w, b * h)
+        y = op.mix(u)
+        del u
+        out = map_columns(lambda lo, hi: x[..., lo:hi] + op.project_out(y[..., lo:hi], x.dtype), w, b * h)
+        del y
+        return map_columns(lambda lo, hi: out[..., lo:hi] + self.mlp(self.norm2(out[..., lo:hi])), w, b * h, out)
 
 
 class PatchEmbed(nn.Module):
@@ -174,6 +293,15 @@ class PatchEmbed(nn.Module):
         self.norm2 = LayerNorm2d(dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if tiled_inference():  # column tiles, each computed from its receptive field only
+            width, mid = x.shape[-1], conv_width(self.conv1, x.shape[-1])
+            out_width, rows = conv_width(self.conv2, mid), x.shape[0] * x.shape[2] // 4
+
+            def hidden(lo: int, hi: int) -> Tensor:
+                return F.gelu(self.norm1(conv_columns(self.conv1, lambda a, z: x[..., a:z], width, lo, hi)))
+
+            return map_columns(lambda lo, hi: self.norm2(conv_columns(self.conv2, hidden, mid, lo, hi)), out_width,
+                               rows)
         return self.norm2(self.conv2(F.gelu(self.norm1(self.conv1(x)))))
 
 
@@ -186,6 +314,10 @@ class Downsample(nn.Module):
         self.norm = LayerNorm2d(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if tiled_inference():
+            width, rows = x.shape[-1], x.shape[0] * x.shape[2] // 2
+            return map_columns(lambda lo, hi: self.norm(conv_columns(self.conv, lambda a, z: x[..., a:z], width, lo,
+                                                                     hi)), conv_width(self.conv, width), rows)
         return self.norm(self.conv(x))
 
 
