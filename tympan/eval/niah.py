@@ -55,7 +55,7 @@ BABBLE_ENV = "TYMPAN_BABBLE"
 _FBANK_BLOCK_FRAMES = 6000  # 60 s of fbank frames per Kaldi call
 
 __all__ = ["AGGREGATES", "HAYSTACKS", "Haystack", "NiahPoint", "add_niah_arguments", "format_table", "haystack_blocks", "load_babble",
-           "model_runner", "niah_main", "plot_curve", "run_niah", "run_niah_args", "run_sweep", "score_outputs"]  # fmt: skip
+           "format_comparison", "model_runner", "niah_main", "plot_curve", "read_result", "run_niah", "run_niah_args", "run_sweep", "score_outputs"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ haystack
@@ -360,38 +360,90 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curve(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Score vs. duration (log axis), one line per position: mAP for taggers, else retention."""
+def _metric(points: Sequence[dict[str, Any]]) -> str:
+    return "mAP" if points and "mAP" in points[0]["scores"] else "retention"
+
+
+def plot_curve(result: dict[str, Any] | Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Score (mAP for taggers, else retention) and seconds vs. duration, log axes, one line per model and
+    position: one sweep, or several (``tympan niah --compare``) drawn together."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = result["points"]
-    metric = "mAP" if points and "mAP" in points[0]["scores"] else "retention"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for position in sorted({p["position"] for p in points}):
-        row = sorted((p["duration"], p["scores"][metric]) for p in points if p["position"] == position)
-        ax.plot([d for d, _ in row], [s for _, s in row], marker="o", label=f"needle at {position:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("input duration (s)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"NIAH {result['model']}: {result['haystack']['kind']} haystack")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    results = [result] if isinstance(result, dict) else list(result)
+    fig, (score_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    metrics = []
+    for one in results:
+        points, metric = one["points"], _metric(one["points"])
+        metrics.append(metric)
+        for position in sorted({p["position"] for p in points}):
+            row = sorted((p["duration"], p["scores"][metric], p["seconds"]) for p in points if p["position"] == position)
+            label = f"{one['model']} ({metric}), needle at {position:g}"
+            score_ax.plot([d for d, _, _ in row], [s for _, s, _ in row], marker="o", label=label)
+            time_ax.plot([d for d, _, _ in row], [t for _, _, t in row], marker="o", label=label)
+    score_ax.set_xscale("log")
+    score_ax.set_ylabel(" / ".join(sorted(set(metrics))))
+    score_ax.set_title(f"NIAH: {', '.join(sorted({r['haystack']['kind'] for r in results}))} haystack")
+    time_ax.set_xscale("log")
+    time_ax.set_yscale("log")
+    time_ax.set_ylabel("seconds per sweep point")
+    time_ax.set_title("cost")
+    for ax in (score_ax, time_ax):
+        ax.set_xlabel("input duration (s)")
+        ax.grid(True, alpha=0.3)
+    score_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
 
-def run_sweep(result: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``niah.json``, ``niah.txt`` and ``niah.png`` for a :func:`run_niah` result."""
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """A sweep written by :func:`run_sweep`: its ``niah.json``, or the folder holding it."""
+    path = Path(path)
+    file = path / "niah.json" if path.is_dir() else path
+    try:
+        result = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file}: not a NIAH result ({err})") from None
+    if not isinstance(result, dict) or "points" not in result or "model" not in result:
+        raise ValueError(f"{file}: not a NIAH result (no 'model' and 'points')")
+    return result
+
+
+def format_comparison(results: Sequence[dict[str, Any]]) -> str:
+    """Several sweeps side by side: per duration and position, each model's seconds, peak RSS (MB) and score."""
+    keys = sorted({(p["duration"], p["position"]) for r in results for p in r["points"]})
+    width = 26
+    lines = ["# NIAH comparison, per model: seconds, peak RSS MB, score (" +
+             ", ".join(f"{r['model']}: {_metric(r['points'])}" for r in results) + ")",
+             f"{'duration_s':>10} {'position':>8}" + "".join(f" | {r['model'][:width]:>{width}}" for r in results)]
+    for duration, position in keys:
+        cells = []
+        for r in results:
+            point = next((p for p in r["points"] if (p["duration"], p["position"]) == (duration, position)), None)
+            cells.append("-" if point is None else
+                         f"{point['seconds']:.1f} {point['peak_rss_mb']:.0f} {point['scores'][_metric(r['points'])]:.3f}")
+        lines.append(f"{duration:>10.0f} {position:>8.2f}" + "".join(f" | {c:>{width}}" for c in cells))
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(result: dict[str, Any], output_dir: str | os.PathLike,
+              compare: Sequence[dict[str, Any]] = ()) -> dict[str, Path]:
+    """Write ``niah.json``, ``niah.txt`` and ``niah.png`` for a :func:`run_niah` result; with earlier sweeps to
+    `compare`, the PNG draws them all and ``comparison.txt`` tabulates them side by side."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "niah.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "niah.txt").write_text(format_table(result))
-    return {"json": out / "niah.json", "table": out / "niah.txt", "plot": plot_curve(result, out / "niah.png")}
+    files = {"json": out / "niah.json", "table": out / "niah.txt"}
+    if compare:
+        (out / "comparison.txt").write_text(format_comparison([result, *compare]))
+        files["comparison"] = out / "comparison.txt"
+    files["plot"] = plot_curve([result, *compare], out / "niah.png")
+    return files
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -440,6 +492,7 @@ def niah_main(
     seed: int = 0,
     device: str = "cpu",
     overrides: dict[str, Any] | None = None,
+    compare: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """``tympan niah``: build/load the model, read the needles, sweep, write JSON + table + PNG; returns the result.
 
@@ -450,6 +503,7 @@ def niah_main(
 
     if labels not in ("self", "datafile"):
         raise ValueError(f"labels must be 'self' or 'datafile', got {labels!r}")
+    earlier = [read_result(path) for path in compare]  # fail before the sweep, not after an hour of it
     overrides = overrides or {}
     if checkpoint or pretrained:
         model = tympan.load(model_id, checkpoint=checkpoint, **overrides)
@@ -462,8 +516,10 @@ def niah_main(
     result = run_niah(model, clips, durations, positions, Haystack(haystack, snr_db, seed, babble), targets=targets,
                       top_k=top_k, aggregate=aggregate, block_seconds=block_seconds)  # fmt: skip
     result.update(needle_files=paths, labels=labels, pretrained=bool(checkpoint or pretrained), device=device)
-    files = run_sweep(result, output_dir)
+    files = run_sweep(result, output_dir, earlier)
     print(format_table(result), end="")
+    if earlier:
+        print(files["comparison"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return result
 
@@ -499,6 +555,8 @@ def add_niah_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregate", choices=AGGREGATES, default="mean", help="over windows of window models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="SWEEP",
+                        help="earlier sweeps (niah.json or their folders) to draw in the same PNG and tabulate")
 
 
 def run_niah_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
@@ -507,5 +565,5 @@ def run_niah_args(args: argparse.Namespace, overrides: dict[str, Any] | None = N
               durations=args.durations, positions=args.positions, haystack=args.haystack, snr_db=args.snr,
               babble_path=args.babble, needle_seconds=args.needle_seconds, num_needles=args.num_needles,
               labels=args.labels, top_k=args.top_k, aggregate=args.aggregate, seed=args.seed, device=args.device,
-              overrides=overrides)  # fmt: skip
+              overrides=overrides, compare=args.compare)  # fmt: skip
     return 0
