@@ -198,6 +198,35 @@ def test_ssast_pretraining_objective(tmp_path, data_dir):
     assert {"nce", "mse", "acc"} <= set(records[1]) and math.isfinite(summary["final"]["loss"])
 
 
+def test_pretraining_lowers_its_loss_and_fine_tuning_starts_from_it(tmp_path, data_dir):
+    """The FSDD pretrain -> fine-tune path at toy size: the SSAST loss falls over the epochs, and fine-tuning with
+    ``model.strict=false`` starts from every pretrained encoder tensor with only the classifier head new."""
+    from tympan.train.trainer import build_model
+
+    overrides = {k: v for k, v in TOY_MODEL.items() if "stride" not in k} | {"mask_patch": 4, "cluster": False}
+    run(data_dir, tmp_path / "pre", **{"model.id": "ssast-tiny-frame-pretrain", "objective.kind": "ssast",
+                                       "model.overrides": json.dumps(overrides), "train.epochs": 4,
+                                       "data.train": "{speaker: george, take: {min: 10, max: 49}}"})  # fmt: skip
+    records = [json.loads(x) for x in (tmp_path / "pre" / "log.jsonl").read_text().splitlines()]
+    epoch_losses = [r["train_loss"] for r in records if r.get("event") == "epoch"]
+    print("pretraining epoch losses", epoch_losses)
+    assert len(epoch_losses) == 4 and epoch_losses[-1] < 0.8 * epoch_losses[0], epoch_losses
+
+    pretrained = load_file(tmp_path / "pre" / "model.safetensors")
+    spec = {"id": "ssast-tiny-frame", "overrides": TOY_MODEL, "checkpoint": str(tmp_path / "pre" / "model.safetensors"),
+            "strict": False}  # fmt: skip
+    model, note = build_model(spec, num_classes=10)
+    state = model.state_dict()
+    new = sorted(k for k in state if k not in pretrained)
+    assert new == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"], new
+    for key in state.keys() - set(new):
+        assert torch.equal(state[key], pretrained[key]), key
+    assert note.startswith(f"{len(state) - len(new)}/{len(state)} tensors")
+    _, summary = run(data_dir, tmp_path / "ft", **{"model.checkpoint": spec["checkpoint"], "model.strict": False,
+                                                    "train.epochs": 1})  # fmt: skip
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+
+
 def test_distillation_from_precomputed_teacher(tmp_path, data_dir):
     files = fsdd_datafile(data_dir, tmp_path / "data")
     subset = read_datafile(files.datafile).select(lambda r: r.extra["speaker"] == "george" and r.extra["take"] < 14)
