@@ -54,8 +54,9 @@ DEFAULT_POSITIONS = (0.0, 0.5, 1.0)
 BABBLE_ENV = "TYMPAN_BABBLE"
 _FBANK_BLOCK_FRAMES = 6000  # 60 s of fbank frames per Kaldi call
 
-__all__ = ["AGGREGATES", "HAYSTACKS", "Haystack", "NiahPoint", "add_niah_arguments", "format_table", "haystack_blocks", "load_babble",
-           "format_comparison", "model_runner", "niah_main", "plot_curve", "read_result", "run_niah", "run_niah_args", "run_sweep", "score_outputs"]  # fmt: skip
+__all__ = ["AGGREGATES", "HAYSTACKS", "Haystack", "NiahPoint", "add_niah_arguments", "format_comparison", "format_table",
+           "haystack_blocks", "load_babble", "model_runner", "niah_main", "plot_curve", "read_result", "run_niah",
+           "run_niah_args", "run_sweep", "score_outputs"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ haystack
@@ -360,13 +361,16 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metric(points: Sequence[dict[str, Any]]) -> str:
-    return "mAP" if points and "mAP" in points[0]["scores"] else "retention"
+def _metric(result: dict[str, Any]) -> str:
+    """The score a sweep is drawn by: mAP for taggers, retention for encoders and for a single needle (whose mAP
+    is 1 by construction: every class it holds has one positive, ranked first or alone)."""
+    points = result["points"]
+    return "mAP" if points and "mAP" in points[0]["scores"] and result.get("needles", 2) > 1 else "retention"
 
 
 def plot_curve(result: dict[str, Any] | Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Score (mAP for taggers, else retention) and seconds vs. duration, log axes, one line per model and
-    position: one sweep, or several (``tympan niah --compare``) drawn together."""
+    """Score (mAP for taggers, else retention; see :func:`_metric`) and seconds vs. duration, log axes, one line
+    per model and position: one sweep, or several (``tympan niah --compare``) drawn together."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,10 +380,11 @@ def plot_curve(result: dict[str, Any] | Sequence[dict[str, Any]], path: str | os
     fig, (score_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
     metrics = []
     for one in results:
-        points, metric = one["points"], _metric(one["points"])
+        points, metric = one["points"], _metric(one)
         metrics.append(metric)
         for position in sorted({p["position"] for p in points}):
-            row = sorted((p["duration"], p["scores"][metric], p["seconds"]) for p in points if p["position"] == position)
+            at = [p for p in points if p["position"] == position]
+            row = sorted((p["duration"], p["scores"][metric], p["seconds"]) for p in at)
             label = f"{one['model']} ({metric}), needle at {position:g}"
             score_ax.plot([d for d, _, _ in row], [s for _, s, _ in row], marker="o", label=label)
             time_ax.plot([d for d, _, _ in row], [t for _, _, t in row], marker="o", label=label)
@@ -418,14 +423,14 @@ def format_comparison(results: Sequence[dict[str, Any]]) -> str:
     keys = sorted({(p["duration"], p["position"]) for r in results for p in r["points"]})
     width = 26
     lines = ["# NIAH comparison, per model: seconds, peak RSS MB, score (" +
-             ", ".join(f"{r['model']}: {_metric(r['points'])}" for r in results) + ")",
+             ", ".join(f"{r['model']}: {_metric(r)}" for r in results) + ")",
              f"{'duration_s':>10} {'position':>8}" + "".join(f" | {r['model'][:width]:>{width}}" for r in results)]
     for duration, position in keys:
         cells = []
         for r in results:
             point = next((p for p in r["points"] if (p["duration"], p["position"]) == (duration, position)), None)
             cells.append("-" if point is None else
-                         f"{point['seconds']:.1f} {point['peak_rss_mb']:.0f} {point['scores'][_metric(r['points'])]:.3f}")
+                         f"{point['seconds']:.1f} {point['peak_rss_mb']:.0f} {point['scores'][_metric(r)]:.3f}")
         lines.append(f"{duration:>10.0f} {position:>8.2f}" + "".join(f" | {c:>{width}}" for c in cells))
     return "\n".join(lines) + "\n"
 
