@@ -411,7 +411,10 @@ def _add_niah(sub: argparse._SubParsersAction) -> None:
         "measure how well the model still finds them (mAP, rank, retention). Each model reads the haystack its "
         "own way (whole sequence for DASS/SSAM, windows for AST/Dasheng, streaming for SAT). Writes niah.json, "
         "niah.txt and niah.png to the output folder.",
-        epilog="example:\n  tympan niah clip.wav --model dass-small --random --durations 10 60 600 -o niah/",
+        epilog="examples:\n"
+        "  tympan niah clip.wav --model dass-small --random --durations 10 60 600 3600 --positions 0.5 -o niah/dass\n"
+        "  tympan niah clip.wav --model ast-base384 --random --durations 10 60 600 3600 --positions 0.5 -o niah/ast \\\n"
+        "      --compare niah/dass      # both curves in niah/ast/niah.png, side by side in comparison.txt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(p)
