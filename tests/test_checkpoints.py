@@ -1,6 +1,7 @@
 """Registry, checkpoint reading/conversion/saving and downloads."""
 
 import argparse
+import os
 import hashlib
 import json
 
@@ -93,11 +94,24 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
         assert fragment in message
 
 
-def test_pickled_code_is_refused(tmp_path):
-    path = tmp_path / "legacy.pth"
-    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(CheckpointError, match="weights-only"):
-        read_checkpoint(path)
+class _Payload:
+    """Unpickling this would run a shell command: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    """Objects outside the weights-only allow-list become inert placeholders: the tensors load, nothing runs."""
+    path, marker = tmp_path / "legacy.pth", tmp_path / "ran"
+    torch.save({"model": {"w": torch.arange(3.0)}, "args": argparse.Namespace(lr=0.1, hook=_Payload(marker))}, path)
+    state, meta = read_checkpoint(path)
+    assert not marker.exists()
+    assert list(state) == ["w"] and torch.equal(state["w"], torch.arange(3.0))
+    assert meta["container"]["args"] == {}  # the Namespace, emptied
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])

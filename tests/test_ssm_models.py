@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from tympan.checkpoints import read_checkpoint
 from tympan.models import dass as dass_module
 from tympan.models.dass import convert_dass_checkpoint, cross_merge, cross_scan, dass_config_from_state
 from tympan.models.mamba import MambaMixer
-from tympan.models.ssam import hear_timestamps, read_official_checkpoint, regroup_tokens, ssam_config_from_state
+from tympan.models.ssam import hear_timestamps, regroup_tokens, ssam_config_from_state
 
 TINY_DASS = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32), num_classes=5, drop_path_rate=0.1)
 TINY_SSAM = dict(embed_dim=16, depth=2, d_state=4)
@@ -341,21 +342,31 @@ class _ConfigLike(dict):  # stands for the ml_collections ConfigDict inside the 
     pass
 
 
-def test_official_ssam_container_with_args_is_read_without_running_its_pickles(tmp_path):
+class _RunsCode:
+    """Pickles as a call that would create a file when unpickled: what a malicious checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_official_ssam_container_with_args_loads_without_running_its_pickles(tmp_path):
     import argparse
 
     model = tympan.create_model("ssam-tiny", **TINY_SSAM)
     official = {k: v for k, v in model.state_dict().items()}
     official.update(mask_token=torch.zeros(1, 1, 16), **{"pred.0.weight": torch.zeros(16, 16)})
     path = tmp_path / "checkpoint-99.pth"
-    args = argparse.Namespace(config=_ConfigLike(model=dict(embed_dim=16)), precision="float16")
+    args = argparse.Namespace(config=_ConfigLike(model=dict(embed_dim=16)), precision="float16",
+                              hook=_RunsCode(tmp_path / "ran"))  # fmt: skip
     torch.save({"model": official, "optimizer": {"state": {}}, "epoch": 99, "args": args}, path)
-    with pytest.raises(tympan.CheckpointError):
-        read_checkpoint(path)  # weights-only loading refuses the Namespace
-    state = read_official_checkpoint(path)
-    assert state.keys() == official.keys()
-    clean = tmp_path / "clean.pth"
-    torch.save(state, clean)
-    loaded = tympan.load("ssam-tiny", clean, **TINY_SSAM)
+    with pytest.raises(Exception, match="Unsupported global"):
+        torch.load(path, weights_only=True)  # what plain weights-only loading says of it
+    loaded = tympan.load("ssam-tiny", path, **TINY_SSAM)
+    assert not (tmp_path / "ran").exists()  # the pickled callable was never called
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+    state, meta = read_checkpoint(path)
+    assert state.keys() == official.keys() and meta["container"]["epoch"] == 99

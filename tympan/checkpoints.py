@@ -7,15 +7,21 @@ Two layouts load:
   prefix; each family's ``convert_checkpoint`` maps their key names onto ours;
 * tympan's own ``*.safetensors`` with a ``*.json`` sidecar (``{"model_id": ..., "config": {...}}``).
 
-Pickles are always read with ``torch.load(weights_only=True)``: no code is ever unpickled.
+Pickles are always read with ``torch.load(weights_only=True)``: no code is ever unpickled. A container that also
+pickles other Python objects (SSAM's ``args``: an ``argparse.Namespace`` holding an ``ml_collections`` config),
+which weights-only loading refuses, is read again by an unpickler that resolves the same allow-list and turns every
+other class into an inert placeholder: its tensors load, and still nothing from the file runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
 import tempfile
+import types
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +30,8 @@ import torch
 from torch import nn
 
 from tympan.models.registry import StateDict, Weights, create_model, get_model_entry
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
@@ -67,13 +75,75 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({_first_line(err)})") from None
+        obj = load_tensors_only(path)
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({_first_line(err)})") from None
     state, container = unwrap_state_dict(obj, path)
     if container:
         meta["container"] = container
     return state, meta
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _Inert(dict):
+    """Stands in for any pickled object outside torch's weights-only allow-list: holds nothing, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Inert":  # a placeholder function's result is one too
+        return _Inert()
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+def _tensors_only_unpickler(skipped: set[str]) -> type[pickle.Unpickler]:
+    """An unpickler resolving only the globals ``torch.load(weights_only=True)`` allows; every other class becomes
+    inert (its name recorded in `skipped`)."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = _get_allowed_globals()
+
+    class TensorsOnlyUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if f"{module}.{name}" in allowed:
+                return super().find_class(module, name)
+            skipped.add(f"{module}.{name}")
+            return type(name, (_Inert,), {})
+
+    return TensorsOnlyUnpickler
+
+
+def load_tensors_only(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a checkpoint whose extra pickled objects weights-only loading refuses: the objects it
+    allows load as usual, every other one becomes an empty placeholder, so no class or function of the file is
+    ever imported or called."""
+    skipped: set[str] = set()
+    unpickler = _tensors_only_unpickler(skipped)
+    pickle_module = types.SimpleNamespace(Unpickler=unpickler, load=pickle.load, __name__="tensors_only")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
+    except Exception as err:  # any unreadable file: one line naming it
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({_first_line(err)})") from None
+    logger.info("%s: pickled objects left out (tensors only): %s", path, ", ".join(sorted(skipped)))
+    return obj
 
 
 def unwrap_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> tuple[StateDict, dict[str, Any]]:

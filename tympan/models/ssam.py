@@ -25,10 +25,7 @@ Parameter names equal the official checkpoints' (``patch_embed.proj``, ``cls_tok
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import re
-import types
 from typing import Callable, Sequence
 
 import numpy as np
@@ -258,56 +255,6 @@ def convert_ssam_checkpoint(state: StateDict, model: nn.Module | None = None) ->
     All other names already match; our own layout passes unchanged.
     """
     return {k: v for k, v in state.items() if not _PRETRAINING_ONLY.match(k)}
-
-
-class _Inert(dict):
-    """Stands in for any pickled object outside torch's weights-only allow-list: holds nothing, runs nothing."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-
-    def __setitem__(self, key, value) -> None:
-        pass
-
-    def __setstate__(self, state) -> None:
-        pass
-
-    def append(self, value) -> None:
-        pass
-
-    def extend(self, values) -> None:
-        pass
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Resolves only the globals ``torch.load(weights_only=True)`` allows; every other class becomes inert."""
-
-    def find_class(self, module: str, name: str):
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        if f"{module}.{name}" in _get_allowed_globals():
-            return super().find_class(module, name)
-        return type(name, (_Inert,), {})
-
-
-def read_official_checkpoint(path: str | os.PathLike) -> StateDict:
-    """The state dict of an official SSAM ``checkpoint-<epoch>.pth`` container (``ckpt['model']``).
-
-    The released containers also pickle ``args`` (an ``argparse.Namespace`` holding an ``ml_collections``
-    config), which ``torch.load(weights_only=True)`` refuses. This reader resolves only the classes that
-    weights-only loading allows and replaces every other object by an inert placeholder, so no code from the
-    file runs and neither ``ml_collections`` nor the original repo is needed. Save the result with
-    ``torch.save`` (or pass it to :func:`convert_ssam_checkpoint`) to load it with :func:`tympan.load`.
-    """
-    pickle_module = types.SimpleNamespace(Unpickler=_TensorsOnlyUnpickler, load=pickle.load, __name__="tensors_only")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
-    except Exception as err:  # any unreadable file: one line naming it
-        raise ValueError(f"{path}: not a readable SSAM checkpoint ({type(err).__name__}: {err})") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict under 'model'")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def ssam_config_from_state(state: StateDict) -> dict:
