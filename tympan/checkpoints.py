@@ -73,14 +73,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
         if side.is_file():
             meta = json.loads(side.read_text())
         return state, meta
+    unreadable = f"{path}: cannot be read as a weights-only torch checkpoint"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):
-            raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({_first_line(err)})") from None
-        obj = load_tensors_only(path)
+            raise CheckpointError(f"{unreadable} ({_first_line(err)})") from None
+        obj = load_tensors_only(path)  # other pickled objects beside the tensors: read them as inert placeholders
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{unreadable} ({_first_line(err)})") from None
     state, container = unwrap_state_dict(obj, path)
     if container:
         meta["container"] = container
