@@ -15,7 +15,7 @@ from tests.parity import fixtures_root
 from tympan.checkpoints import CheckpointError, read_checkpoint
 from tympan.models.ast import ASTModel, convert_checkpoint
 from tympan.models.patching import adapt_grid, join_pos_embed, patch_grid, split_pos_embed
-from tympan.models.ssast import SSASTPretrainModel, cluster_mask, frame_mask
+from tympan.models.ssast import SSASTPretrainModel, audio_first_mask, cluster_mask, frame_mask
 
 AST_FIXTURE = fixtures_root() / "ast-base384-f10t10" / "checkpoint.pt"
 SSAST_PATCH = fixtures_root() / "ssast-tiny-patch" / "checkpoint.pt"
@@ -223,6 +223,35 @@ def test_masks_have_the_requested_number_of_unique_indices(f_dim, t_dim, fractio
     assert mask.numel() == size == mask.unique().numel()
     with pytest.raises(ValueError, match="mask_size"):
         cluster_mask(patches, t_dim, patches - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 200), min_size=1, max_size=5), tstride=st.sampled_from([2, 4, 16]),
+       size=st.integers(1, 12), seed=st.integers(0, 2**31))  # fmt: skip
+def test_length_aware_masks_take_audio_patches_first(lengths, tstride, size, seed):
+    """Frame masking by input length: distinct patches, every one holding audio while the clip has enough, and
+    all of a clip's audio patches (then padding) when it has fewer than the mask size."""
+    model = SSASTPretrainModel(embed_dim=16, depth=1, num_heads=1, fshape=64, tshape=tstride, input_fdim=64,
+                               input_tdim=128, mask_patch=min(size, 128 // tstride), cluster=False)  # fmt: skip
+    lengths_t = torch.tensor(lengths)
+    has_audio = model.audio_patches(lengths_t)
+    expected = (torch.arange(model.num_patches) * tstride)[None] < lengths_t[:, None]  # one patch per time step
+    assert torch.equal(has_audio, expected)
+    masks = model.random_mask(len(lengths), torch.Generator().manual_seed(seed), lengths_t)
+    assert masks.shape == (len(lengths), model.mask_patch)
+    for mask, audio in zip(masks, has_audio):
+        assert mask.unique().numel() == model.mask_patch
+        picked = audio[mask]
+        assert bool(picked.all()) if int(audio.sum()) >= model.mask_patch else int(picked.sum()) == int(audio.sum())
+    with pytest.raises(ValueError, match="mask_size"):
+        audio_first_mask(has_audio, model.num_patches + 1)
+
+
+def test_length_aware_masks_need_frame_masking():
+    model = SSASTPretrainModel(**TINY, input_tdim=128, mask_patch=10)
+    assert model.cluster
+    with pytest.raises(ValueError, match="frame masking"):
+        model.random_mask(2, lengths=torch.tensor([50, 128]))
 
 
 def test_real_clip_through_the_ssast_fixture(data_dir):

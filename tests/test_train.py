@@ -227,6 +227,24 @@ def test_pretraining_lowers_its_loss_and_fine_tuning_starts_from_it(tmp_path, da
     assert 0.0 <= summary["final"]["accuracy"] <= 1.0
 
 
+def test_ssast_pretraining_masks_audio_not_padding(tmp_path, data_dir):
+    """``objective.mask_padding``: FSDD clips zero-padded to 1 s, the masked patches drawn from the real frames."""
+    overrides = {k: v for k, v in TOY_MODEL.items() if "stride" not in k} | {"mask_patch": 4, "cluster": False,
+                                                                           "input_tdim": 100}  # fmt: skip
+    sections = {"model.id": "ssast-tiny-frame-pretrain", "objective.kind": "ssast", "objective.mask_padding": True,
+                "model.overrides": json.dumps(overrides), "train.epochs": 1, "data.clip_seconds": 1.0}  # fmt: skip
+    trainer, summary = run(data_dir, tmp_path / "run", **sections)
+    batch = next(iter(trainer._loader(0, 0)))
+    prepared = trainer._prepare(batch, None, train=False)
+    frames = prepared["input_lengths"]
+    assert bool((frames < 100).any()) and bool((frames > 10).all())  # FSDD digits last well under a second
+    seconds = batch["lengths"].float() / 16000
+    assert torch.allclose(frames.float(), (seconds - 0.025) / 0.010 + 1, atol=1.0)  # Kaldi 25 ms / 10 ms frames
+    assert math.isfinite(summary["final"]["loss"])
+    with pytest.raises(ConfigError, match="mask_padding"):
+        load_config(None, toy_config(data_dir, tmp_path / "bad", **{**sections, "data.precompute_features": True}))
+
+
 def test_distillation_from_precomputed_teacher(tmp_path, data_dir):
     files = fsdd_datafile(data_dir, tmp_path / "data")
     subset = read_datafile(files.datafile).select(lambda r: r.extra["speaker"] == "george" and r.extra["take"] < 14)

@@ -100,6 +100,11 @@ class ASTFbank(nn.Module):
             return self.target_length
         return kaldi_num_frames(num_samples, self._window_size, self._window_shift)
 
+    def content_frames(self, num_samples: int) -> int:
+        """How many leading output frames hold the clip's own ``num_samples`` samples (the rest is padding)."""
+        frames = kaldi_num_frames(num_samples, self._window_size, self._window_shift)
+        return frames if self.target_length is None else min(frames, self.target_length)
+
     def forward(self, waveform: Tensor) -> Tensor:
         return ast_fbank(waveform, self.sample_rate, self.target_length, self.mean, self.std, self.normalize,
                          self.num_mel_bins, self.frame_shift)

@@ -108,6 +108,19 @@ def frame_mask(num_patches: int, mask_size: int, generator: torch.Generator | No
     return torch.randperm(num_patches, generator=generator)[:mask_size]
 
 
+def audio_first_mask(has_audio: Tensor, mask_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Frame masking that prefers patches holding audio: ``[B, mask_size]`` distinct indices per clip, drawn
+    uniformly among a clip's audio patches, topped up from its padding patches only when it has too few.
+
+    ``has_audio [B, N]`` is :meth:`SSASTPretrainModel.audio_patches`. Zero-padding makes identical patches: as
+    masked targets they are indistinguishable for MPC (wav2vec 2.0 likewise masks only within each clip's length).
+    """
+    if not 0 < mask_size <= has_audio.shape[1]:
+        raise ValueError(f"frame masking needs 0 < mask_size <= {has_audio.shape[1]}, got {mask_size}")
+    keys = torch.rand(has_audio.shape, generator=generator).to(has_audio.device) + has_audio.to(torch.float32)
+    return keys.topk(mask_size, dim=1).indices  # audio patches score in (1, 2), padding in (0, 1)
+
+
 class SSASTPretrainModel(ASTModel):
     """SSAST pretraining model: the AST backbone (non-overlapping patches) plus ``mask_embed`` and the MPC/MPG heads.
 
@@ -149,8 +162,22 @@ class SSASTPretrainModel(ASTModel):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
 
-    def random_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """``[batch, mask_patch]`` masked patch indices (cluster or frame masking), drawn independently per clip."""
+    def audio_patches(self, lengths: Tensor) -> Tensor:
+        """``[B, N]``: True where a patch covers at least one of the clip's ``lengths [B]`` real input frames."""
+        columns = torch.arange(self.num_patches, device=lengths.device) % self.grid[1]
+        return columns[None, :] * self.patch_embed.stride[1] < lengths[:, None]
+
+    def random_mask(self, batch: int, generator: torch.Generator | None = None,
+                    lengths: Tensor | None = None) -> Tensor:  # fmt: skip
+        """``[batch, mask_patch]`` masked patch indices (cluster or frame masking), drawn independently per clip.
+
+        With ``lengths`` (real input frames per clip, the rest being padding), frame masking draws from the
+        patches that hold audio (:func:`audio_first_mask`).
+        """
+        if lengths is not None:
+            if self.cluster:
+                raise ValueError("masking by input length needs frame masking (cluster=False)")
+            return audio_first_mask(self.audio_patches(lengths.to(self.pos_embed.device)), self.mask_patch, generator)
         if self.cluster:
             masks = [cluster_mask(self.num_patches, self.grid[1], self.mask_patch, generator) for _ in range(batch)]
         else:
@@ -194,12 +221,14 @@ class SSASTPretrainModel(ASTModel):
         mpc_mask: Tensor | None = None,
         mpg_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        lengths: Tensor | None = None,
     ) -> PretrainOutput:
-        """Joint pretraining loss ``nce + 10 * mse``; masks not given are drawn independently for the two tasks."""
+        """Joint pretraining loss ``nce + 10 * mse``; masks not given are drawn independently for the two tasks
+        (from the patches holding audio when ``lengths``, the real frames per clip, are given)."""
         if mpc_mask is None:
-            mpc_mask = self.random_mask(x.shape[0], generator)
+            mpc_mask = self.random_mask(x.shape[0], generator, lengths)
         if mpg_mask is None:
-            mpg_mask = self.random_mask(x.shape[0], generator)
+            mpg_mask = self.random_mask(x.shape[0], generator, lengths)
         acc, nce, _ = self.mpc(x, mpc_mask)
         mse = self.mpg(x, mpg_mask).mse
         return PretrainOutput(nce + MPG_WEIGHT * mse, nce, mse, acc)

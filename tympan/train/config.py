@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
             "name": None,  # name in the stored file (default: the model id or the ONNX file's stem)
         },
         "mae": {"mask_ratio": 0.75, "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16, "group": 2},
+        "mask_padding": False,  # ssast: mask patches of each clip's audio, never of its zero-padding (frame masking)
     },
     "optim": {
         "name": "adamw",  # adamw | adam
@@ -207,6 +208,9 @@ def _check(config: dict[str, Any]) -> None:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
     if config["data"]["datafile"] is None and config["data"]["shards"] is None:
         raise ConfigError("data.datafile or data.shards is required")
+    if config["objective"]["mask_padding"] and (config["objective"]["kind"] != "ssast"
+                                                or config["data"].get("precompute_features")):  # fmt: skip
+        raise ConfigError("objective.mask_padding needs objective.kind=ssast on waveforms (no data.precompute_features)")
 
 
 def save_config(config: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -318,10 +318,16 @@ class DistillationObjective(LabelObjective):
 
 class ModelLossObjective(nn.Module):
     """Self-supervised models whose forward returns their own loss (SSAST MPC+MPG, MAE): a NamedTuple with
-    ``loss`` first; its other scalar fields are logged."""
+    ``loss`` first; its other scalar fields are logged. With `pass_lengths`, the model also gets the batch's
+    ``input_lengths`` (real input frames per clip; SSAST then masks audio, not padding)."""
+
+    def __init__(self, pass_lengths: bool = False) -> None:
+        super().__init__()
+        self.pass_lengths = pass_lengths
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Logs]:
-        output = model(batch["inputs"])
+        extra = {"lengths": batch["input_lengths"]} if self.pass_lengths else {}
+        output = model(batch["inputs"], **extra)
         loss = output[0] if isinstance(output, tuple) else output
         logs = {"loss": float(loss.detach())}
         if hasattr(output, "_asdict"):

@@ -247,7 +247,7 @@ class Trainer:
 
     def _objective(self, model: nn.Module, kind: str, num_labels: int | None) -> nn.Module:
         if kind in ("ssast", "mae"):
-            return ModelLossObjective()
+            return ModelLossObjective(pass_lengths=self.config["objective"]["mask_padding"])
         output_kind = self.entry.output
         if kind in ("bce", "ce"):
             return LabelObjective(kind, output_kind)
@@ -295,6 +295,9 @@ class Trainer:
         inputs, waveform, target = self.augment(waveform, batch["target"].to(device), batch["lengths"].to(device),
                                                 generator, train, features)
         out = {"inputs": inputs, "waveform": waveform, "target": target, "index": batch["index"], "path": batch["path"]}
+        if self.config["objective"]["mask_padding"]:  # real input frames per clip (the batch's are samples)
+            frames = [self.augment.frontend.content_frames(int(n)) for n in batch["lengths"]]
+            out["input_lengths"] = torch.tensor(frames, device=device)
         if isinstance(self.teacher, PrecomputedTeacher):
             out["teacher_logits"] = self.teacher.lookup(batch["path"]).to(device)
         return out
