@@ -114,6 +114,30 @@ def test_schedules():
 
 
 # ------------------------------------------------------------------------------------------ averaging
+def test_layer_wise_lr_decay_groups():
+    """``optim.layer_decay``: lr x decay^(layers above) from the head down to the embeddings; staged models
+    (DASS: layers.j.blocks.i) count their blocks in order; a model without blocks is a config error."""
+    from tympan.train.trainer import build_optimizer, layer_depths
+
+    optim = {"name": "adamw", "lr": 1.0, "weight_decay": 0.1, "betas": [0.9, 0.999], "head_lr": 10.0,
+             "no_decay_1d": True, "layer_decay": 0.5}  # fmt: skip
+    model = tympan.create_model("ssast-tiny-frame", **TOY_MODEL | {"depth": 2}, num_classes=10)
+    lr_of = {id(p): g["base_lr"] for g in build_optimizer(model, optim).param_groups for p in g["params"]}
+    expected = {"pos_embed": 0.125, "patch_embed.proj.weight": 0.125, "blocks.0.attn.qkv.weight": 0.25,
+                "blocks.1.mlp.fc2.bias": 0.5, "norm.weight": 1.0, "head.fc.weight": 10.0}  # head: head_lr too
+    params = dict(model.named_parameters())
+    for name, lr in expected.items():
+        assert lr_of[id(params[name])] == pytest.approx(lr), name
+    dass = tympan.create_model("dass-small", depths=(1, 1, 2, 1), dims=(8, 16, 32, 64))
+    depths = layer_depths(dass)
+    assert depths["patch_embed.conv1.weight"] == 0 and depths["head.weight"] == 6
+    order = [depths[f"layers.{j}.blocks.{i}.norm.weight"] for j, i in ((0, 0), (1, 0), (2, 0), (2, 1), (3, 0))]
+    assert order == [1, 2, 3, 4, 5]
+    assert depths["layers.0.downsample.norm.weight"] == 1  # between blocks: the depth of the block before
+    with pytest.raises(ConfigError, match="layer_decay"):
+        build_optimizer(torch.nn.Linear(2, 2), optim)
+
+
 def test_weight_average_and_ema_hand_case():
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}

@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.01,
         "betas": [0.9, 0.999],
         "head_lr": 1.0,  # multiplier for parameters under the classifier head (SSAST head_lr)
+        "layer_decay": None,  # e.g. 0.75: lr x layer_decay^(layers above), embeddings lowest (BEiT/MAE fine-tuning)
         "no_decay_1d": True,  # no weight decay on biases and norm weights
         "clip_grad": None,  # max global grad norm
     },

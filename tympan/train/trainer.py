@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from tympan.eval.metrics import multilabel_metrics, singlelabel_metrics
 from tympan.train import distributed as dist_utils
 from tympan.train.averaging import EMA, average_checkpoints
 from tympan.train.checkpointing import atomic_save, capture_rng, load_checkpoint, restore_rng
-from tympan.train.config import save_config
+from tympan.train.config import ConfigError, save_config
 from tympan.train.data import FeatureCache, SkipSampler, build_datasets, rank_sampler
 from tympan.train.objectives import (
     DistillationObjective,
@@ -126,20 +127,44 @@ class BatchAugment:
         return inputs
 
 
+_BLOCK = re.compile(r"^((?:.*\.)?blocks\.\d+)\.")
+
+
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth for layer-wise lr decay: the blocks (``blocks.i``, or ``layers.j.blocks.i`` in staged
+    models) count 1, 2, ... in the order the model registers them; what comes before the first block (patch and
+    positional embeddings, prefix tokens) is 0, what sits between blocks (downsampling) takes the depth of the
+    block before it, what comes after the last (final norm, head) is the top."""
+    names = [name for name, _ in model.named_parameters()]
+    block_of = {name: m.group(1) for name in names if (m := _BLOCK.match(name))}
+    if not block_of:
+        raise ConfigError(f"optim.layer_decay needs a model with blocks.<i> layers, {type(model).__name__} has none")
+    order = {key: i + 1 for i, key in enumerate(dict.fromkeys(block_of.values()))}
+    last = max(i for i, name in enumerate(names) if name in block_of)
+    depths, depth = {}, 0
+    for i, name in enumerate(names):
+        if name in block_of:
+            depth = order[block_of[name]]
+        depths[name] = len(order) + 1 if i > last else depth
+    return depths
+
+
 def _param_groups(model: nn.Module, optim: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameter groups: decay / no decay (1-D tensors, biases) x body / head (``head_lr`` multiplier)."""
-    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    """Parameter groups by weight decay (none on 1-D tensors and biases) and lr: ``head_lr`` times the head's
+    parameters, and with ``layer_decay`` (BEiT/MAE fine-tuning) ``layer_decay ** (top - depth)`` per layer."""
+    depths = layer_depths(model) if optim["layer_decay"] is not None else {}
+    top = max(depths.values(), default=0)
+    groups: dict[tuple[bool, float], list[Tensor]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = optim["no_decay_1d"] and (param.ndim <= 1 or name.endswith(".bias"))
-        is_head = name.startswith(("head.", "outputlayer."))
-        groups.setdefault((no_decay, is_head), []).append(param)
-    return [
-        {"params": params, "weight_decay": 0.0 if no_decay else optim["weight_decay"],
-         "base_lr": optim["lr"] * (optim["head_lr"] if is_head else 1.0)}  # fmt: skip
-        for (no_decay, is_head), params in sorted(groups.items())
-    ]
+        scale = optim["head_lr"] if name.startswith(("head.", "outputlayer.")) else 1.0
+        if depths:
+            scale *= optim["layer_decay"] ** (top - depths[name])
+        groups.setdefault((no_decay, scale), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else optim["weight_decay"],
+             "base_lr": optim["lr"] * scale} for (no_decay, scale), params in sorted(groups.items())]  # fmt: skip
 
 
 def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Optimizer:
