@@ -269,6 +269,29 @@ def test_ssast_pretraining_masks_audio_not_padding(tmp_path, data_dir):
         load_config(None, toy_config(data_dir, tmp_path / "bad", **{**sections, "data.precompute_features": True}))
 
 
+def test_mask_padding_objective_hands_the_lengths_to_the_model(tmp_path, data_dir):
+    """The trainer's SSAST objective with ``mask_padding`` equals the model called with the clips' real frames,
+    and its masks (hence its loss) differ from the length-blind ones drawn from the same seed."""
+    from tympan.train.objectives import ModelLossObjective
+
+    overrides = {k: v for k, v in TOY_MODEL.items() if "stride" not in k} | {"mask_patch": 4, "cluster": False,
+                                                                           "input_tdim": 100}  # fmt: skip
+    sections = {"model.id": "ssast-tiny-frame-pretrain", "objective.kind": "ssast", "objective.mask_padding": True,
+                "model.overrides": json.dumps(overrides), "train.epochs": 1, "data.clip_seconds": 1.0}  # fmt: skip
+    trainer = Trainer(load_config(None, toy_config(data_dir, tmp_path / "run", **sections)))
+    prepared = trainer._prepare(next(iter(trainer._loader(0, 0))), None, train=False)
+    model = trainer.model.eval()
+
+    def loss_of(call):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return float(call())
+
+    masked_audio = loss_of(lambda: trainer.objective(model, prepared)[0])
+    assert masked_audio == loss_of(lambda: model(prepared["inputs"], lengths=prepared["input_lengths"]).loss)
+    assert masked_audio != loss_of(lambda: ModelLossObjective()(model, prepared)[0])
+
+
 def test_distillation_from_precomputed_teacher(tmp_path, data_dir):
     files = fsdd_datafile(data_dir, tmp_path / "data")
     subset = read_datafile(files.datafile).select(lambda r: r.extra["speaker"] == "george" and r.extra["take"] < 14)

@@ -365,7 +365,7 @@ def _metric(result: dict[str, Any]) -> str:
     """The score a sweep is drawn by: mAP for taggers, retention for encoders and for a single needle (whose mAP
     is 1 by construction: every class it holds has one positive, ranked first or alone)."""
     points = result["points"]
-    return "mAP" if points and "mAP" in points[0]["scores"] and result.get("needles", 2) > 1 else "retention"
+    return "mAP" if points and "mAP" in points[0]["scores"] and result.get("needles") != 1 else "retention"
 
 
 def plot_curve(result: dict[str, Any] | Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
