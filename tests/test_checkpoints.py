@@ -1,9 +1,13 @@
 """Registry, checkpoint reading/conversion/saving and downloads."""
 
 import argparse
+import io
+import pickle
+import pickletools
 import os
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from tympan.checkpoints import (
     read_checkpoint,
     sidecar_path,
 )
+from tympan.labels import LabelSet
 from tympan.models.registry import UnknownModelError, Weights, get_model_entry, list_models
 
 from tests.parity import fixtures_root
@@ -80,6 +85,58 @@ def test_safetensors_round_trip(tmp_path):
         assert torch.equal(model.eval()(x), again(x))
 
 
+def _tiny_saved(tmp_path):
+    model = tympan.create_model("ast-tiny224", input_tdim=128, num_classes=3, depth=1)
+    return model, tympan.save(model, tmp_path / "tiny")
+
+
+def test_labels_and_extra_travel_with_the_checkpoint(tmp_path):
+    model = tympan.create_model("ast-tiny224", input_tdim=128, num_classes=3, depth=1)
+    model.labels = LabelSet(("/m/a", "/m/b", "/m/c"), ("dog", "rain, heavy", 'say "hi"'))
+    model.tympan_extra = {"clip_seconds": 1.28, "frontend": {"num_mel_bins": 128}}
+    again = tympan.load(tympan.save(model, tmp_path / "tiny"))
+    assert again.labels == model.labels
+    assert again.tympan_extra == {"clip_seconds": 1.28, "frontend": {"num_mel_bins": 128}}
+
+
+@pytest.mark.parametrize(
+    "sidecar, expected",
+    [
+        ("{not json", "not a readable JSON sidecar"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"model_id": 7}', "'model_id' must be a str"),
+        ('{"model_id": "ast-tiny224", "config": {"widht": 10}}', "'widht' is not a setting of ast-tiny224"),
+        ('{"model_id": "ast-tiny224", "config": {"embed_dim": 1e9}}', "'embed_dim' must be like 192"),
+        ('{"model_id": "ast-tiny224", "config": {"embed_dim": "big"}}', "'embed_dim' must be like 192"),
+        ('{"model_id": "ast-tiny224", "config": {"embed_dim": 1000000000, "num_heads": 1}}', "config does not build"),
+        ('{"model_id": "ast-tiny224", "config": {"embed_dim": 100000, "num_heads": 1}}', "parameters; refusing"),
+        ('{"model_id": "ast-tiny224", "config": {"depth": -3}}', "'depth' must be >= 0"),
+        ('{"model_id": "ast-tiny224", "labels": {"mids": ["a"], "names": []}}', "'labels' must hold"),
+    ],
+)
+def test_a_hostile_sidecar_is_one_line_naming_it(tmp_path, sidecar, expected):
+    """Invalid JSON, wrong types, unknown keys and absurd sizes in the sidecar: one error, nothing allocated."""
+    _, path = _tiny_saved(tmp_path)
+    sidecar_path(path).write_text(sidecar)
+    with pytest.raises(CheckpointError, match=expected) as err:
+        tympan.load(path)
+    assert "tiny.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_packaged_weights_resolve_offline_and_check_the_checksum(tmp_path):
+    """``package://`` weights come from the installed package, never the network, and only with a matching SHA-256."""
+    csv = Path(tympan.__file__).parent / "assets" / "audioset_labels.csv"
+    good = Weights(url="package://tympan/assets/audioset_labels.csv", sha256=hashlib.sha256(csv.read_bytes()).hexdigest())
+    assert download(good, tmp_path / "never-used", progress=False) == csv
+    assert not (tmp_path / "never-used").exists()
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        download(Weights(url=good.url, sha256="0" * 64), progress=False)
+    with pytest.raises(CheckpointError, match="must carry a SHA-256"):
+        download(Weights(url=good.url), progress=False)
+    with pytest.raises(CheckpointError, match="missing from the installed package"):
+        download(Weights(url="package://tympan/assets/nothing.safetensors", sha256="0" * 64), progress=False)
+
+
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     model = tympan.create_model("ast-tiny224", input_tdim=128, depth=2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,6 +169,74 @@ def test_pickled_code_is_never_run(tmp_path):
     assert not marker.exists()
     assert list(state) == ["w"] and torch.equal(state["w"], torch.arange(3.0))
     assert meta["container"]["args"] == {}  # the Namespace, emptied
+
+
+class _Exec:
+    """Unpickles as a call of a builtin (``exec``/``eval``) on source text: code that runs while the file is read."""
+
+    def __init__(self, builtin, marker):
+        self.builtin, self.marker = builtin, marker
+
+    def __reduce__(self):
+        return (self.builtin, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def _pickle_records(data: bytes) -> list[bytes]:
+    """Split a legacy torch file into its consecutive pickles; the raw storage bytes come last."""
+    stream, records = io.BytesIO(data), []
+    for _ in range(5):  # magic number, protocol version, system info, the object, storage keys
+        start = stream.tell()
+        for opcode, _arg, _pos in pickletools.genops(stream):
+            if opcode.name == "STOP":
+                break
+        records.append(data[start : stream.tell()])
+    records.append(data[stream.tell() :])
+    return records
+
+
+@pytest.mark.parametrize("builtin", [exec, eval])
+@pytest.mark.parametrize("record", [0, 1, 2, 3, 4])
+def test_legacy_format_records_never_run_code(tmp_path, builtin, record):
+    """Every pickle of a legacy (non-zip) checkpoint, the header records too, resolves only the allow-list.
+
+    A file whose record (magic number, protocol, system info, data or storage keys) calls ``exec``/``eval`` used to
+    run that code through a plain ``pickle.load`` in the fallback loader; now nothing runs and the load either fails
+    with one line naming the file or returns the tensors alone.
+    """
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buffer, _use_new_zipfile_serialization=False)
+    records = _pickle_records(buffer.getvalue())
+    marker = tmp_path / "ran"
+    payload = _Exec(builtin, marker)
+    if record == 3:  # the data record: the hostile object sits beside the tensor
+        state = {"w": torch.arange(4.0), "hook": payload}
+        buffer = io.BytesIO()
+        torch.save(state, buffer, _use_new_zipfile_serialization=False)
+        records = _pickle_records(buffer.getvalue())
+    else:
+        records[record] = pickle.dumps(payload, protocol=2)
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(b"".join(records))
+    try:
+        state, _ = read_checkpoint(path)
+    except CheckpointError as err:
+        assert "legacy.pth" in str(err)
+    else:
+        assert torch.equal(state["w"], torch.arange(4.0))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        tympan.load("ast-tiny224", checkpoint=path)
+    assert not marker.exists()
+
+
+def test_a_78_byte_exec_file_runs_nothing(tmp_path):
+    """The smallest hostile file: one pickle whose first record calls ``exec``; it is refused, nothing runs."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "tiny.pth"
+    path.write_bytes(pickle.dumps(_Exec(exec, marker), protocol=2))
+    with pytest.raises(CheckpointError, match="tiny.pth"):
+        read_checkpoint(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])

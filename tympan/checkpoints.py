@@ -10,7 +10,12 @@ Two layouts load:
 Pickles are always read with ``torch.load(weights_only=True)``: no code is ever unpickled. A container that also
 pickles other Python objects (SSAM's ``args``: an ``argparse.Namespace`` holding an ``ml_collections`` config),
 which weights-only loading refuses, is read again by an unpickler that resolves the same allow-list and turns every
-other class into an inert placeholder: its tensors load, and still nothing from the file runs.
+other class into an inert placeholder: its tensors load, and still nothing from the file runs. The records torch
+reads around the data of a legacy (non-zip) file go through an unpickler that resolves no global at all.
+
+Sidecars are validated (:func:`read_sidecar`, :func:`validate_config`): a stored config can only set the registered
+model's own keys, with values of their type, at sizes checked on the meta device before anything is allocated.
+Weights shipped inside the package (``package://``) resolve offline with their SHA-256 checked.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import tempfile
@@ -29,11 +35,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from tympan.labels import LabelSet
 from tympan.models.registry import StateDict, Weights, create_model, get_model_entry
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
+PACKAGE_SCHEME = "package://"  # weights shipped as package data: package://tympan/assets/NAME
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
 
 
@@ -71,7 +79,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
         side = sidecar_path(path)
         if side.is_file():
-            meta = json.loads(side.read_text())
+            meta = read_sidecar(side)
         return state, meta
     unreadable = f"{path}: cannot be read as a weights-only torch checkpoint"
     try:
@@ -86,6 +94,76 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
     if container:
         meta["container"] = container
     return state, meta
+
+
+_SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {"model_id": str, "config": dict, "labels": dict, "extra": dict}
+MAX_PARAMETERS = 20_000_000_000  # a config asking for more is a damaged or hostile sidecar, not a model
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """Our JSON sidecar: ``model_id``, ``config`` and optionally ``labels`` (``{"mids": [...], "names": [...]}``)
+    and ``extra`` (what a trained model needs besides weights: frontend settings, clip length, its recipe).
+
+    Anything malformed is one :class:`CheckpointError` naming the file and the key; keys this version does not know
+    are ignored with a warning, so newer files still load.
+    """
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON sidecar ({_first_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the sidecar must be a JSON object, not {type(meta).__name__}")
+    for key, value in meta.items():
+        expected = _SIDECAR_TYPES.get(key)
+        if expected is None:
+            logger.warning("%s: unknown sidecar key %r ignored", path, key)
+        elif not isinstance(value, expected):
+            raise CheckpointError(f"{path}: sidecar key {key!r} must be a {expected.__name__}, not {type(value).__name__}")
+    if "labels" in meta:
+        labels = meta["labels"]
+        mids, names = labels.get("mids"), labels.get("names")
+        if not (isinstance(mids, list) and isinstance(names, list) and len(mids) == len(names)
+                and all(isinstance(x, str) for x in mids + names)):
+            raise CheckpointError(f"{path}: sidecar key 'labels' must hold equally long string lists 'mids' and 'names'")
+    return meta
+
+
+def validate_config(model_id: str, config: Mapping[str, Any], source: str) -> None:
+    """Refuse a stored config that the registered model does not take: unknown keys, values of another type than
+    the registered default, or sizes that would allocate more than :data:`MAX_PARAMETERS` parameters (checked on
+    the meta device, so nothing is allocated)."""
+    entry = get_model_entry(model_id)
+    for key, value in config.items():
+        if key not in entry.config:
+            raise CheckpointError(f"{source}: config key {key!r} is not a setting of {model_id}")
+        default = entry.config[key]
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(default, bool) and isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and (isinstance(value, int) or not isinstance(default, int))
+            ok = ok and math.isfinite(value)
+        elif isinstance(default, (list, tuple)):
+            ok = isinstance(value, (list, tuple))
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise CheckpointError(
+                f"{source}: config key {key!r} must be like {default!r} ({type(default).__name__}), got {value!r}"
+            )
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 and value < 0:
+            raise CheckpointError(f"{source}: config key {key!r} must be >= 0, got {value!r}")
+    try:
+        with torch.device("meta"):
+            probe = create_model(model_id, **dict(config))
+    except CheckpointError:
+        raise
+    except Exception as err:  # the builder's own check of an impossible config
+        raise CheckpointError(f"{source}: config does not build {model_id} ({_first_line(err)})") from None
+    count = sum(p.numel() for p in probe.parameters())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(f"{source}: config asks for {count:.3g} parameters; refusing (limit {MAX_PARAMETERS:.0e})")
 
 
 def _first_line(err: BaseException) -> str:
@@ -132,13 +210,28 @@ def _tensors_only_unpickler(skipped: set[str]) -> type[pickle.Unpickler]:
     return TensorsOnlyUnpickler
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Reads pickles of plain data only (numbers, strings, lists, dicts): any global at all is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a checkpoint header record names {module}.{name}")
+
+
+def _plain_data_load(file: Any, **kwargs: Any) -> Any:
+    """What torch reads with ``pickle_module.load``: the records around the data of a legacy (non-zip) file (magic
+    number, protocol, system info, storage keys). They hold plain data, so none may name a class or function;
+    an inert placeholder there would silently leave storages unread."""
+    return _PlainDataUnpickler(file, **kwargs).load()
+
+
 def load_tensors_only(path: str | os.PathLike) -> Any:
     """``torch.load`` of a checkpoint whose extra pickled objects weights-only loading refuses: the objects it
     allows load as usual, every other one becomes an empty placeholder, so no class or function of the file is
     ever imported or called."""
     skipped: set[str] = set()
     unpickler = _tensors_only_unpickler(skipped)
-    pickle_module = types.SimpleNamespace(Unpickler=unpickler, load=pickle.load, __name__="tensors_only")
+
+    pickle_module = types.SimpleNamespace(Unpickler=unpickler, load=_plain_data_load, __name__="tensors_only")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
     except Exception as err:  # any unreadable file: one line naming it
@@ -215,9 +308,15 @@ def load(model_id: str, checkpoint: str | os.PathLike | None = None, **overrides
         if model_id is None:
             raise CheckpointError(f"{checkpoint}: no sidecar {sidecar_path(checkpoint).name} naming the model id")
     entry = get_model_entry(model_id)
-    config = dict(meta.get("config", {})) if meta.get("model_id") == model_id else {}
-    config.update(overrides)
+    stored = dict(meta.get("config", {})) if meta.get("model_id") == model_id else {}
+    if stored:
+        validate_config(model_id, stored, str(sidecar_path(checkpoint)))
+    config = {**stored, **overrides}
     model = create_model(model_id, **config)
+    if "labels" in meta:
+        model.labels = LabelSet(tuple(meta["labels"]["mids"]), tuple(meta["labels"]["names"]))
+    if "extra" in meta:
+        model.tympan_extra = dict(meta["extra"])
     if entry.convert_checkpoint is not None and not meta.get("model_id"):
         try:
             state = entry.convert_checkpoint(state, model)
@@ -240,7 +339,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: save_file(state, tmp))
-    meta = {"model_id": model_id, "config": _jsonable(model.tympan_config)}
+    meta: dict[str, Any] = {"model_id": model_id, "config": _jsonable(model.tympan_config)}
+    labels = getattr(model, "labels", None)
+    if isinstance(labels, LabelSet):
+        meta["labels"] = {"mids": list(labels.mids), "names": list(labels.names)}
+    if getattr(model, "tympan_extra", None):
+        meta["extra"] = _jsonable(model.tympan_extra)
     _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return path
 
@@ -268,14 +372,40 @@ def sha256sum(path: str | os.PathLike, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def packaged_weights(weights: Weights) -> Path:
+    """The file of weights shipped inside the package (``package://tympan/assets/NAME``), its SHA-256 checked.
+
+    Never touches the network; a file whose checksum differs from the registered one (a damaged or swapped install)
+    is refused rather than loaded.
+    """
+    from importlib import resources
+
+    package, _, relative = weights.url[len(PACKAGE_SCHEME):].partition("/")
+    try:
+        resource = resources.files(package).joinpath(relative)
+        path = Path(str(resource))
+    except (ModuleNotFoundError, TypeError) as err:
+        raise CheckpointError(f"{weights.url}: not a file of an installed package ({err})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{weights.url}: missing from the installed package ({path}); reinstall tympan")
+    if weights.sha256 is None:
+        raise CheckpointError(f"{weights.url}: packaged weights must carry a SHA-256")
+    if (got := sha256sum(path)) != weights.sha256:
+        raise CheckpointError(f"{path}: checksum mismatch (expected {weights.sha256}, got {got}); reinstall tympan")
+    return path
+
+
 def download(weights: Weights, directory: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Fetch ``weights`` into the cache (once), verifying the SHA-256 when it is known.
 
     A cached file whose checksum does not match is fetched again; a download that does not match raises.
-    Works for any URL scheme urllib knows (``https://``, ``file://``).
+    Works for any URL scheme urllib knows (``https://``, ``file://``); ``package://`` weights are shipped with tympan
+    and resolved offline (:func:`packaged_weights`).
     """
     from tqdm.auto import tqdm
 
+    if weights.url.startswith(PACKAGE_SCHEME):
+        return packaged_weights(weights)
     directory = Path(directory) if directory is not None else cache_dir()
     name = weights.filename or Path(urllib.request.urlparse(weights.url).path).name
     target = directory / name
@@ -294,7 +424,10 @@ def download(weights: Weights, directory: str | os.PathLike | None = None, progr
             raise CheckpointError(f"{weights.url}: checksum mismatch (expected {weights.sha256}, got {got})")
         os.replace(tmp, target)
     except OSError as err:
-        raise CheckpointError(f"{weights.url}: download failed ({err})") from None
+        raise CheckpointError(
+            f"{weights.url}: download failed ({err}); offline, put the file at {target} or pass a local "
+            "checkpoint (--checkpoint PATH); the default model needs no download"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
