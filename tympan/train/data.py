@@ -31,6 +31,7 @@ from tympan.data import (
 )
 from tympan.data.manifest import esc10_datafile, fsdd_datafile
 from tympan.labels import LabelSet, read_label_csv
+from tympan.train.config import ConfigError, check_selection
 
 __all__ = ["CachedAudioDataset", "GlobalBatchOrder", "SkipSampler", "resolve_datafile", "select_records"]
 
@@ -41,27 +42,48 @@ def _field(record: Any, key: str) -> Any:
     return getattr(record, key) if key in _RECORD_FIELDS else record.extra.get(key)
 
 
-def _matches(value: Any, condition: Any) -> bool:
-    if isinstance(condition, dict):  # {min: a, max: b}, inclusive
-        return value is not None and condition.get("min", value) <= value <= condition.get("max", value)
+def _has_field(record: Any, key: str) -> bool:
+    return key in _RECORD_FIELDS or key in record.extra
+
+
+def _matches(value: Any, condition: Any, key: str) -> bool:
+    if isinstance(condition, dict):  # {min: a, max: b}, inclusive; nothing else is a range
+        unknown = [k for k in condition if k not in ("min", "max")]
+        if unknown or not condition:
+            raise ConfigError(f"range selection {key} takes min and max, got {sorted(map(str, condition))}")
+        if value is None:
+            return False
+        try:
+            return condition.get("min", value) <= value <= condition.get("max", value)
+        except TypeError:
+            raise ConfigError(f"range selection {key}: cannot compare the datafile's {value!r} with "
+                              f"{condition}") from None  # fmt: skip
     if isinstance(condition, (list, tuple)):
         return value in condition
     return value == condition
 
 
-def select_records(manifest: Manifest, selection: dict[str, Any] | list[dict[str, Any]] | None) -> Manifest:
+def select_records(manifest: Manifest, selection: dict[str, Any] | list[dict[str, Any]] | None,
+                   where: str = "selection") -> Manifest:  # fmt: skip
     """Records whose fields match every condition: a value, a list of values, or ``{min, max}`` (inclusive).
 
     Keys are record fields (``fold``, ``split``...) or extra datafile fields (FSDD's ``take``, ``speaker``).
-    A list of selections keeps the records matching any of them.
+    A list of selections keeps the records matching any of them. A malformed selection, a field no record
+    has, or one that matches nothing is a :class:`ConfigError` naming `where` (``data.train``).
     """
     if not selection:
         return manifest
+    check_selection(selection, where)
     alternatives = selection if isinstance(selection, list) else [selection]
+    for choice in alternatives:
+        for key in choice:
+            if not any(_has_field(r, key) for r in manifest):
+                raise ConfigError(f"{where}.{key}: no record of {manifest.source or 'the datafile'} has field {key!r}")
     kept = [r for r in manifest
-            if any(all(_matches(_field(r, k), c) for k, c in choice.items()) for choice in alternatives)]  # fmt: skip
+            if any(all(_matches(_field(r, k), c, f"{where}.{k}") for k, c in choice.items())
+                   for choice in alternatives)]  # fmt: skip
     if not kept:
-        raise ValueError(f"no record of {manifest.source or 'the datafile'} matches {selection}")
+        raise ConfigError(f"{where}: no record of {manifest.source or 'the datafile'} matches {selection}")
     return Manifest(kept, manifest.source)
 
 
@@ -195,11 +217,11 @@ def build_datasets(config: dict[str, Any], out_dir: Path, ctx: Any) -> dict[str,
                              num_replicas=ctx.world_size, rank=ctx.rank, remainder="drop", **common)  # fmt: skip
     else:
         dataset_cls = CachedAudioDataset if data["cache"] else AudioDataset
-        train = dataset_cls(select_records(manifest, data["train"]), label_arg, train=True, seed=seed, **common)
+        train = dataset_cls(select_records(manifest, data["train"], "data.train"), label_arg, train=True, seed=seed, **common)
     valid = None
     if data["valid"] is not None and manifest is not None:
         dataset_cls = CachedAudioDataset if data["cache"] else AudioDataset
-        valid = dataset_cls(select_records(manifest, data["valid"]), label_arg, train=False, seed=seed, **common)
+        valid = dataset_cls(select_records(manifest, data["valid"], "data.valid"), label_arg, train=False, seed=seed, **common)
     balanced = None
     if data["balanced"] is not None and isinstance(train, AudioDataset):
         options = {"scale": 1000.0, "smoothing": 0.01, "num_samples": None} | dict(data["balanced"])
