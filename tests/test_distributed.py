@@ -17,6 +17,8 @@ from tympan.data import ShardDataset, fsdd_datafile, read_datafile, write_shards
 from tympan.train.data import GlobalBatchOrder, rank_sampler
 from tympan.train.distributed import Context
 
+AUGMENT = {"augment.freqm": 24, "augment.timem": 8, "augment.noise_roll": True, "augment.mixup": 0.5,
+           "augment.gain_db": "[-6, 6]", "augment.noise_snr_db": "[10, 30]"}
 TRAIN_SCRIPT = "import sys; from tympan.train import train_main; sys.exit(train_main(None, sys.argv[1:], False))\n"
 
 
@@ -57,7 +59,8 @@ def _torchrun(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_processes_match_one_process(tmp_path, data_dir, fsdp):
-    sections = {"train.epochs": 1, "optim.weight_decay": 0.0}
+    # augmentation on: every clip's randomness is keyed by the sample, never by the rank
+    sections = {"train.epochs": 1, "optim.weight_decay": 0.0, **AUGMENT}
     run(data_dir, tmp_path / "one", **sections)
     result = _torchrun(tmp_path, toy_config(data_dir, tmp_path / "two", **sections, **{"distributed.fsdp": fsdp}))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,8 +4,11 @@ Every function returns float32 numpy arrays laid out channels-first, like torch 
 ``[channels, N]`` otherwise. Decoded PCM lies in [-1, 1]; resampling is not clipped, so a full-scale
 transient may overshoot by a few thousandths (clipping would make us differ from reference pipelines).
 
-Anything wrong with the input (missing, empty, corrupt, unsupported format, NaN/inf samples) raises one
-error type, :class:`AudioError`, whose message is a single line ``"{path}: {reason}"``.
+Anything wrong with the input (missing, empty, corrupt, truncated, unsupported format, an implausible sample
+rate, NaN/inf samples) raises one error type, :class:`AudioError` (a :class:`~tympan.errors.TympanError`), whose
+message is a single line ``"{path}: {reason}"``. Sample rates outside ``[MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]``
+are refused (a header claiming 1 Hz would ask for 16,000 output samples per stored one), and streaming reads
+no more source frames than one output block needs.
 
 >>> from tympan import audio
 >>> samples = audio.load(audio.demo_path())                      # [N] float32 at 16 kHz
@@ -28,11 +31,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from tympan.errors import TympanError
+
 __all__ = [
     "AudioError",
     "AudioInfo",
     "BlockReader",
     "DEFAULT_SAMPLE_RATE",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
     "demo_path",
     "from_array",
     "info",
@@ -58,9 +65,11 @@ _SUFFIX_FORMATS = {
 _WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
                   ".mp3": ("MP3", "MPEG_LAYER_III")}  # fmt: skip
 _MIN_READ_FRAMES = 4096
+MIN_SAMPLE_RATE = 1000  # below: no real recording; resampling to 16 kHz would multiply the data > 16x
+MAX_SAMPLE_RATE = 1_536_000
 
 
-class AudioError(ValueError):
+class AudioError(TympanError, ValueError):
     """Bad audio input. The message is one line: ``"{path}: {reason}"``."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
@@ -91,9 +100,11 @@ def readable_formats() -> dict[str, str]:
     return dict(sf.available_formats())
 
 
-def _check_rate(rate: float, name: str) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-        raise ValueError(f"{name} must be a positive number of samples per second, got {rate!r}")
+def _check_rate(rate: float, name: str, path: str | Path = "<array>") -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not math.isfinite(rate):
+        raise AudioError(path, f"{name} must be a number of samples per second, got {rate!r}")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(path, f"implausible {name} {rate:g} Hz (tympan reads {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz)")
 
 
 def _check_quality(quality: str) -> None:
@@ -138,7 +149,41 @@ def _open(path: str | Path) -> sf.SoundFile:
     if handle.frames == 0:
         handle.close()
         raise AudioError(path, "no audio samples (0 frames)")
+    try:
+        _check_rate(handle.samplerate, "sample rate in the header", path)
+        _check_wav_length(path, handle)
+    except AudioError:
+        handle.close()
+        raise
     return handle
+
+
+def _check_wav_length(path: Path, handle: sf.SoundFile) -> None:
+    """A RIFF WAV whose data chunk promises more bytes than the file holds is truncated (libsndfile silently
+    shortens it). Placeholder sizes of streaming writers (0, 0xFFFFFFFF) are not a promise."""
+    if handle.format != "WAV":
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return
+            position, size = 12, path.stat().st_size
+            while position + 8 <= size:
+                f.seek(position)
+                chunk = f.read(8)
+                name, length = chunk[:4], int.from_bytes(chunk[4:8], "little")
+                if name == b"data":
+                    available = size - position - 8
+                    if 0 < length < 0xFFFFFFFF and length > available:
+                        rate = handle.samplerate
+                        promised = handle.frames / rate * length / max(1, available)
+                        raise AudioError(path, f"truncated WAV: the header promises {promised:.2f} s, the file "
+                                               f"holds {handle.frames / rate:.2f} s")  # fmt: skip
+                    return
+                position += 8 + length + (length & 1)
+    except OSError as err:
+        raise AudioError(path, f"cannot read ({err.strerror or err})") from None
 
 
 def _read(path: Path, handle: sf.SoundFile, frames: int = -1) -> np.ndarray:
@@ -312,7 +357,9 @@ class BlockReader:
     def _decoded(self) -> Iterator[np.ndarray]:
         """The file's frames, downmixed, as frame-major pieces of about one block each."""
         rate = self.info.sample_rate
-        read_frames = max(math.ceil(self.block_frames * rate / self.sample_rate), _MIN_READ_FRAMES)
+        needed = max(1, math.ceil(self.block_frames * rate / self.sample_rate))
+        # when upsampling, read no more than one output block needs (bounded work per step, whatever the rate)
+        read_frames = needed if self.sample_rate > rate else max(needed, _MIN_READ_FRAMES)
         with _open(self.path) as handle:
             position = 0
             while True:

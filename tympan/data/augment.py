@@ -4,6 +4,13 @@ Each augmentation is a small callable over a batch (``[B, ...]``) drawing its ra
 ``torch.Generator``: the one passed to the call, else its own (``seed=...``), else torch's global RNG. The
 datasets pass each item's own generator, so per-item use inside DataLoader workers stays reproducible.
 
+Sample-keyed randomness (training): pass :class:`SampleGenerators`, one generator per row keyed by
+``(seed, epoch, sample)``, instead of one generator. Every draw is then made row by row from the row's own
+generator, so a sample is augmented the same way whichever batch, rank or world size it lands in: N processes
+reproduce the 1-process run. Mixup pairs rows ``(0, 1), (2, 3), ...`` of the batch (the partner of an unpaired
+last row is itself); consecutive positions of a shuffled global batch are random partners, and a pair stays on
+one rank whenever the per-rank batch is even.
+
 - :class:`Mixup`: waveform mixup with label mixing (AST/DASS: lambda ~ Beta(10, 10), mean removal).
 - :class:`SpecAugment`: frequency and time masks like torchaudio's FrequencyMasking/TimeMasking.
 - :class:`AddNoise`: noise (white or a recording, e.g. babble) at an SNR in dB.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -26,6 +34,7 @@ __all__ = [
     "Mixup",
     "NoiseRoll",
     "RandomGain",
+    "SampleGenerators",
     "SpecAugment",
     "TimeRoll",
     "length_mask",
@@ -38,27 +47,69 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------ random draws
-def _device_of(generator: torch.Generator | None, device: torch.device) -> torch.device:
+class SampleGenerators:
+    """One CPU generator per row of a batch: sample-keyed randomness (see the module docstring).
+
+    >>> generators = SampleGenerators.keyed(seed, epoch, positions)   # positions: each row's place in the epoch
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+        if not self.generators:
+            raise ValueError("SampleGenerators needs at least one generator")
+
+    @classmethod
+    def keyed(cls, seed: int, epoch: int, positions: Sequence[int]) -> "SampleGenerators":
+        """Generators seeded by ``(seed, epoch, position)`` for each position."""
+        from tympan.data.sampling import seeded_generator
+
+        return cls([seeded_generator(seed, epoch, int(p)) for p in positions])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+Randomness = Union[torch.Generator, SampleGenerators, None]  # what the augmentations draw from
+
+
+def _per_sample(shape: Sequence[int], generators: SampleGenerators, draw) -> Tensor:
+    """Stack the draws of each row's generator (`draw(row_shape, generator)`) into `shape`."""
+    if not shape or shape[0] != len(generators):
+        raise ValueError(f"{len(generators)} sample generators for a batch of shape {tuple(shape)}")
+    return torch.stack([draw(tuple(shape[1:]), g) for g in generators.generators])
+
+
+def _device_of(generator: torch.Generator | SampleGenerators | None, device: torch.device) -> torch.device:
     return generator.device if generator is not None else device
 
 
-def _rand(shape: Sequence[int], generator: torch.Generator | None, device: torch.device,
+def _rand(shape: Sequence[int], generator: torch.Generator | SampleGenerators | None, device: torch.device,
           dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
     """Uniform [0, 1) drawn on the generator's device, returned on `device`."""
+    if isinstance(generator, SampleGenerators):
+        return _per_sample(shape, generator, lambda s, g: torch.rand(s, generator=g, dtype=dtype)).to(device)
     return torch.rand(tuple(shape), generator=generator, device=_device_of(generator, device), dtype=dtype).to(device)
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device,
+def _randn(shape: Sequence[int], generator: torch.Generator | SampleGenerators | None, device: torch.device,
            dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+    if isinstance(generator, SampleGenerators):
+        return _per_sample(shape, generator, lambda s, g: torch.randn(s, generator=g, dtype=dtype)).to(device)
     return torch.randn(tuple(shape), generator=generator, device=_device_of(generator, device), dtype=dtype).to(device)
 
 
-def _randint(low: int, high: int, shape: Sequence[int], generator: torch.Generator | None,
+def _randint(low: int, high: int, shape: Sequence[int], generator: torch.Generator | SampleGenerators | None,
              device: torch.device) -> Tensor:  # fmt: skip
+    if isinstance(generator, SampleGenerators):
+        return _per_sample(shape, generator, lambda s, g: torch.randint(low, high, s, generator=g)).to(device)
     return torch.randint(low, high, tuple(shape), generator=generator, device=_device_of(generator, device)).to(device)
 
 
-def sample_gamma(concentration: float, shape: Sequence[int], generator: torch.Generator | None = None,
+def sample_gamma(concentration: float, shape: Sequence[int], generator: Randomness = None,
                  device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
     """Gamma(concentration, 1) samples (float64) from `generator`: Marsaglia-Tsang, vectorised rejection.
 
@@ -68,6 +119,8 @@ def sample_gamma(concentration: float, shape: Sequence[int], generator: torch.Ge
     if not concentration > 0:
         raise ValueError(f"concentration must be positive, got {concentration!r}")
     device = torch.device(device)
+    if isinstance(generator, SampleGenerators):  # row by row, each from its own generator
+        return _per_sample(shape, generator, lambda s, g: sample_gamma(concentration, s, g, "cpu")).to(device)
     shape_a = concentration + 1.0 if concentration < 1 else concentration
     d = shape_a - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
@@ -86,7 +139,7 @@ def sample_gamma(concentration: float, shape: Sequence[int], generator: torch.Ge
     return out.view(tuple(shape))
 
 
-def sample_beta(alpha: float, beta: float, shape: Sequence[int], generator: torch.Generator | None = None,
+def sample_beta(alpha: float, beta: float, shape: Sequence[int], generator: Randomness = None,
                 device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
     """Beta(alpha, beta) samples (float32) as ``X / (X + Y)`` of two gamma draws."""
     x = sample_gamma(alpha, shape, generator, device)
@@ -140,7 +193,7 @@ def mix_batch(waveform: Tensor, target: Tensor, lam: Tensor, partner: Tensor, le
 
 
 def mask_along_axis(x: Tensor, axis: int, max_width: int, num_masks: int = 1, mask_value: float = 0.0,
-                    generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+                    generator: Randomness = None) -> Tensor:  # fmt: skip
     """Per row of the batch, set `num_masks` bands of `axis` to `mask_value`.
 
     Each band's width is uniform in ``[0, max_width)`` (capped at the axis size) and its start uniform over the
@@ -177,7 +230,7 @@ class Augmentation:
     def __init__(self, seed: int | None = None) -> None:
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
-    def _generator(self, generator: torch.Generator | None) -> torch.Generator | None:
+    def _generator(self, generator: Randomness) -> Randomness:
         return generator if generator is not None else self.generator
 
     def __repr__(self) -> str:
@@ -200,10 +253,14 @@ class Mixup(Augmentation):
         self.alpha, self.prob, self.remove_mean = alpha, prob, remove_mean
 
     def __call__(self, waveform: Tensor, target: Tensor, lengths: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+                 generator: Randomness = None) -> tuple[Tensor, Tensor]:  # fmt: skip
         generator = self._generator(generator)
         batch = waveform.shape[0]
-        partner = torch.randperm(batch, generator=generator, device=_device_of(generator, waveform.device))
+        if isinstance(generator, SampleGenerators):  # fixed pairs, so that a row's partner is not rank-dependent
+            partner = torch.arange(batch) ^ 1
+            partner[partner >= batch] = batch - 1
+        else:
+            partner = torch.randperm(batch, generator=generator, device=_device_of(generator, waveform.device))
         lam = sample_beta(self.alpha, self.alpha, (batch,), generator, _device_of(generator, waveform.device))
         mixed = _rand((batch,), generator, waveform.device) < self.prob
         lam = torch.where(mixed, lam.to(waveform.device), torch.ones_like(lam, device=waveform.device))
@@ -227,7 +284,7 @@ class SpecAugment(Augmentation):
         self.num_freq_masks, self.num_time_masks = num_freq_masks, num_time_masks
         self.layout, self.mask_value = layout, mask_value
 
-    def __call__(self, spectrogram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, spectrogram: Tensor, generator: Randomness = None) -> Tensor:
         if spectrogram.ndim < 3:
             raise ValueError(f"expected a batch [B, T, F] or [B, F, T], got shape {tuple(spectrogram.shape)}")
         generator = self._generator(generator)
@@ -243,7 +300,7 @@ class TimeRoll(Augmentation):
         super().__init__(seed)
         self.max_shift, self.axis = max_shift, axis
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: Randomness = None) -> Tensor:
         shifts = _randint(-self.max_shift, self.max_shift, (x.shape[0],), self._generator(generator), x.device)
         return roll_along(x, shifts, self.axis)
 
@@ -256,7 +313,7 @@ class NoiseRoll(Augmentation):
         super().__init__(seed)
         self.scale, self.max_shift, self.time_axis = scale, max_shift, time_axis
 
-    def __call__(self, features: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, features: Tensor, generator: Randomness = None) -> Tensor:
         generator = self._generator(generator)
         factor = _rand((features.shape[0],), generator, features.device) * self.scale
         noisy = features + _rand(features.shape, generator, features.device) * _per_row(factor, features)
@@ -273,7 +330,7 @@ class RandomGain(Augmentation):
             raise ValueError(f"min_db must not exceed max_db, got {min_db} > {max_db}")
         self.min_db, self.max_db = min_db, max_db
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: Randomness = None) -> Tensor:
         gain_db = self.min_db + (self.max_db - self.min_db) * _rand((x.shape[0],), self._generator(generator), x.device)
         return x * _per_row(10.0 ** (gain_db / 20.0), x)
 
@@ -293,7 +350,7 @@ class AddNoise(Augmentation):
             raise ValueError("noise must be a non-silent 1-D recording")
         self.noise = noise
 
-    def _excerpts(self, batch: int, size: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    def _excerpts(self, batch: int, size: int, generator: Randomness, device: torch.device) -> Tensor:
         if self.noise is None:
             return _randn((batch, size), generator, device)
         noise = self.noise.to(device, torch.float32)
@@ -303,7 +360,7 @@ class AddNoise(Augmentation):
         return noise[offsets[:, None] + torch.arange(size, device=device)]
 
     def __call__(self, waveform: Tensor, lengths: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+                 generator: Randomness = None) -> Tensor:  # fmt: skip
         generator = self._generator(generator)
         batch, size = waveform.shape[0], waveform.shape[-1]
         valid = _time_mask_like(length_mask(lengths, size, batch, waveform.device), waveform)
@@ -324,7 +381,7 @@ class Compose(Augmentation):
         super().__init__(seed)
         self.augmentations = augmentations
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: Randomness = None) -> Tensor:
         generator = self._generator(generator)
         for augmentation in self.augmentations:
             x = augmentation(x, generator=generator)

@@ -12,7 +12,8 @@ ssam-mel        SSAM: 80-mel power spectrogram (n_fft 400, 50-8000 Hz), ``ln(x +
                 per-clip standardisation (unbiased std + 1e-8), time-major
 ==============  ==========================================================================  ===============
 
-Every frontend has ``sample_rate`` and ``num_frames(num_samples)``; all take ``[B, N]`` (or ``[N]``).
+Every frontend has ``sample_rate`` and ``num_frames(num_samples)``; all take ``[B, N]`` (or ``[N]``). Integer
+PCM is scaled to [-1, 1); empty, non-finite, bool or complex input is an InputError (:mod:`tympan.features.checks`).
 Learned input normalisation (Dasheng/SAT ``init_bn``) belongs to the models, not here.
 """
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tympan.errors import ConfigError
+from tympan.features.checks import as_waveform
 from tympan.features.kaldi import KaldiFbank, kaldi_fbank, kaldi_frame_layout, kaldi_num_frames
 from tympan.features.mel import amplitude_to_db, mel_spectrogram, stft_num_frames
 
@@ -73,6 +76,7 @@ def ast_fbank(
     keeps all), then ``(x - mean) / (2 * std)`` (AudioSet stats by default; the factor 2 is the original
     recipe's). Padding happens before normalisation, so padded frames become ``-mean / (2 std)``.
     """
+    waveform = as_waveform(waveform)
     waveform = waveform - waveform.mean(-1, keepdim=True)
     features = kaldi_fbank(waveform, sample_rate, num_mel_bins=num_mel_bins, frame_shift=frame_shift,
                            window_type="hanning", htk_compat=True, use_energy=False, dither=0.0)
@@ -127,7 +131,7 @@ class _STFTMelFrontend(nn.Module):
         return stft_num_frames(num_samples, self.n_fft, self.hop_length, center=True)
 
     def mel(self, waveform: Tensor) -> Tensor:
-        return mel_spectrogram(waveform, self.sample_rate, self.n_fft, self.win_length, self.hop_length, self.f_min,
+        return mel_spectrogram(as_waveform(waveform), self.sample_rate, self.n_fft, self.win_length, self.hop_length, self.f_min,
                                self.f_max, self.n_mels, center=True, pad_mode="reflect", power=2.0)
 
     def extra_repr(self) -> str:
@@ -188,5 +192,5 @@ def get_frontend(name: str, **kwargs) -> nn.Module:
     try:
         factory = FRONTENDS[name]
     except KeyError:
-        raise ValueError(f"unknown frontend {name!r}; available: {', '.join(sorted(FRONTENDS))}") from None
+        raise ConfigError(f"unknown frontend {name!r}; available: {', '.join(sorted(FRONTENDS))}") from None
     return factory(**kwargs)

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from tympan.errors import InputError
+from tympan.features.checks import as_waveform
 from tympan.features.mel import Filterbank
 
 __all__ = [
@@ -286,14 +288,14 @@ def kaldi_fbank(
         raise ValueError(f"unknown window_type {window_type!r}; expected one of {', '.join(WINDOW_TYPES)}")
     if not 0.0 <= preemphasis_coefficient <= 1.0:
         raise ValueError(f"preemphasis_coefficient must be in [0, 1], got {preemphasis_coefficient}")
-    if waveform.dim() == 0:
-        raise ValueError("waveform must have a time axis: expected [N] or [..., N]")
+    if waveform.dim() == 0 or waveform.numel() == 0:
+        raise InputError(f"waveform must be a non-empty [N] or [..., N], got shape {tuple(waveform.shape)}")
     if waveform.dtype not in (torch.float32, torch.float64):  # integer PCM / half precision
         waveform = waveform.float()
     window_size, window_shift, fft_size = kaldi_frame_layout(sample_rate, frame_length, frame_shift, round_to_power_of_two)
     num_samples = waveform.shape[-1]
     if num_samples < window_size:
-        raise ValueError(
+        raise InputError(
             f"waveform has {num_samples} samples, fewer than one {frame_length:g} ms frame ({window_size} samples at {sample_rate:g} Hz)"
         )
     banks = _kaldi_filterbank(num_mel_bins, fft_size, float(sample_rate), float(low_freq), float(high_freq),
@@ -341,7 +343,7 @@ class KaldiFbank(nn.Module):
         return kaldi_num_frames(num_samples, size, shift, self.options.get("snip_edges", True))
 
     def forward(self, waveform: Tensor) -> Tensor:
-        return kaldi_fbank(waveform, self.sample_rate, **self.options)
+        return kaldi_fbank(as_waveform(waveform), self.sample_rate, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join([f"sample_rate={self.sample_rate}"] + [f"{k}={v!r}" for k, v in self.options.items()])

@@ -13,6 +13,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from tympan.errors import InputError
+
 __all__ = [
     "AmplitudeToDB",
     "Filterbank",
@@ -160,17 +162,17 @@ def mel_spectrogram(
     win_length = win_length or n_fft
     hop_length = hop_length or win_length // 2
     f_max = float(sample_rate // 2) if f_max is None else float(f_max)
-    if waveform.dim() == 0:
-        raise ValueError("waveform must have a time axis: expected [N] or [..., N]")
+    if waveform.dim() == 0 or waveform.numel() == 0:
+        raise InputError(f"waveform must be a non-empty [N] or [..., N], got shape {tuple(waveform.shape)}")
     if not waveform.is_floating_point() or waveform.dtype not in (torch.float32, torch.float64):
         waveform = waveform.float()
     if win_length > n_fft:
         raise ValueError(f"win_length ({win_length}) must not exceed n_fft ({n_fft})")
     num_samples = waveform.shape[-1]
     if center and pad_mode == "reflect" and num_samples <= n_fft // 2:
-        raise ValueError(f"waveform has {num_samples} samples; centred reflect padding needs more than n_fft // 2 = {n_fft // 2}")
+        raise InputError(f"waveform has {num_samples} samples; centred reflect padding needs more than n_fft // 2 = {n_fft // 2}")
     if not center and num_samples < n_fft:
-        raise ValueError(f"waveform has {num_samples} samples, fewer than one frame (n_fft = {n_fft})")
+        raise InputError(f"waveform has {num_samples} samples, fewer than one frame (n_fft = {n_fft})")
     leading = waveform.shape[:-1]
     stft = torch.stft(
         waveform.reshape(-1, num_samples), n_fft, hop_length, win_length,

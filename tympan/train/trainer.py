@@ -6,9 +6,12 @@ AdamW/Adam with per-group weight decay, the lr schedule (:mod:`tympan.train.sche
 gradient accumulation and clipping, EMA and last-N weight averaging (:mod:`tympan.train.averaging`),
 evaluation every epoch, JSONL logs with a tqdm bar, and checkpoints that resume bit-for-bit, mid-epoch too.
 
-Per-step randomness is reproducible: batch augmentation draws from a generator seeded by
-``(seed, epoch, step, rank)``; dropout and masking use the global RNGs, whose states are saved with every
-checkpoint; evaluation runs under a forked RNG so it does not move them.
+Per-step randomness is reproducible and sample-keyed: batch augmentation draws each clip's randomness from
+its own generator seeded by ``(seed, epoch, position of the clip in the epoch's global order)``
+(:class:`~tympan.data.augment.SampleGenerators`), never from the rank, so 1 and N processes augment every clip alike and
+train the same run. Randomness inside the model (dropout, stochastic depth, SSAST/MAE masking) uses the global
+RNGs, seeded ``seed + rank`` and saved with every checkpoint; evaluation runs under a forked RNG so it does not
+move them.
 
 Run folder (``output.dir``): ``config.yaml`` (resolved), ``log.jsonl``, ``checkpoint.pt`` (latest, for
 ``--resume``), ``epoch-N.pt`` (weights of the last ``average_last`` epochs, or all with
@@ -37,7 +40,8 @@ from torch import Tensor, nn
 
 import tympan
 from tympan.checkpoints import read_checkpoint
-from tympan.data import AddNoise, Mixup, NoiseRoll, RandomGain, SpecAugment, collate_audio, seeded_generator
+from tympan.data import AddNoise, Mixup, NoiseRoll, RandomGain, SpecAugment, collate_audio
+from tympan.data.augment import SampleGenerators
 from tympan.data.sampling import DistributedSampler
 from tympan.eval.metrics import multilabel_metrics, singlelabel_metrics
 from tympan.train import distributed as dist_utils
@@ -327,6 +331,12 @@ class Trainer:
             out["teacher_logits"] = self.teacher.lookup(batch["path"]).to(device)
         return out
 
+    def _sample_generators(self, epoch: int, batch: int, size: int) -> SampleGenerators:
+        """One generator per clip of this rank's piece of global batch `batch`, keyed by the clip's position in
+        the epoch's global order (rank r holds positions ``r * local_batch ...`` of each global batch)."""
+        first = batch * self.global_batch + self.ctx.rank * self.local_batch
+        return SampleGenerators.keyed(self.config["train"]["seed"], epoch, range(first, first + size))
+
     def _autocast(self):
         enabled = self.config["train"]["precision"] == "bf16"
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -427,7 +437,7 @@ class Trainer:
             for batch in self._loader(epoch, self.state["batch"]):
                 if self.state["step"] >= self.total_steps or self.state["batch"] >= self.steps_per_epoch * accumulation:
                     break
-                generator = seeded_generator(train["seed"], epoch, self.state["batch"], self.ctx.rank)
+                generator = self._sample_generators(epoch, self.state["batch"], len(batch["path"]))
                 prepared = self._prepare(batch, generator, train=True)
                 micro += 1
                 last_micro = micro == accumulation

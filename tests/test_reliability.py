@@ -1,0 +1,107 @@
+"""Issue 15: hostile inputs built inside the tests get one-line tympan errors, and 1 rank == N ranks."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tympan import audio
+from tympan.data import Mixup, NoiseRoll, SpecAugment
+from tympan.data.augment import AddNoise, RandomGain, SampleGenerators
+from tympan.errors import InputError, TympanError
+from tympan.features import FRONTENDS, get_frontend
+
+
+# ------------------------------------------------------------------------------ point 3: sample-keyed randomness
+def _augment_all(x: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, gens: SampleGenerators):
+    x = RandomGain(-6, 6)(x, generator=gens)
+    x = AddNoise((10, 30))(x, lengths, generator=gens)
+    x, target = Mixup(10.0, 0.5)(x, target, lengths, generator=gens)
+    feats = x.unfold(-1, 64, 32)  # [B, T, F] stand-in for a frontend
+    feats = SpecAugment(12, 8)(feats, generator=gens)
+    return NoiseRoll()(feats, generator=gens), target
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sample_keyed_augmentation_does_not_depend_on_the_split(ranks):
+    batch = 8
+    x, target = torch.randn(batch, 1600), torch.eye(batch)
+    lengths = torch.full((batch,), 1600)
+    whole = _augment_all(x, target, lengths, SampleGenerators.keyed(0, 3, range(batch)))
+    local = batch // ranks
+    pieces = [_augment_all(x[r * local:(r + 1) * local], target[r * local:(r + 1) * local],
+                           lengths[r * local:(r + 1) * local],
+                           SampleGenerators.keyed(0, 3, range(r * local, (r + 1) * local))) for r in range(ranks)]
+    torch.testing.assert_close(torch.cat([p[0] for p in pieces]), whole[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat([p[1] for p in pieces]), whole[1], rtol=0, atol=1e-6)
+    other_epoch = _augment_all(x, target, lengths, SampleGenerators.keyed(0, 4, range(batch)))
+    assert not torch.equal(other_epoch[0], whole[0])
+
+
+def test_sample_generators_must_match_the_batch():
+    with pytest.raises(ValueError, match="sample generators"):
+        SpecAugment(4, 4)(torch.zeros(3, 10, 8), generator=SampleGenerators.keyed(0, 0, range(2)))
+
+
+# ------------------------------------------------------------------------------ point 5: absurd rates, bounded work
+def _wav(path, samples: np.ndarray, rate: int = 16000):
+    sf.write(path, samples, rate, subtype="PCM_16")
+    return path
+
+
+def _set_rate(path, rate: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[24:28], data[28:32] = struct.pack("<I", rate), struct.pack("<I", rate * 2)
+    path.write_bytes(bytes(data))
+
+
+def test_a_header_claiming_1_hz_is_refused_before_any_work(tmp_path):
+    path = _wav(tmp_path / "one_hz.wav", np.zeros(20000, np.float32))  # 40 KB
+    _set_rate(path, 1)
+    for call in (audio.load, audio.info, audio.stream):
+        with pytest.raises(audio.AudioError, match="implausible sample rate in the header 1 Hz"):
+            call(path)
+    with pytest.raises(audio.AudioError, match="implausible sample_rate"):
+        audio.from_array(np.zeros(100, np.float32), 1)
+
+
+def test_streaming_upsampling_reads_no_more_than_a_block_needs(tmp_path):
+    path = _wav(tmp_path / "low.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 30000).astype(np.float32))
+    _set_rate(path, 1000)  # the lowest accepted rate: 16x upsampling
+    reader = audio.stream(path, block_seconds=0.1)
+    reads = [len(p) for p in reader._decoded()]
+    assert max(reads) == 100  # one 0.1 s output block's worth; a 4096-frame read would resample 65,536 at once
+    assert sum(len(b) for b in reader) == len(audio.load(path)) == 480000
+
+
+# ------------------------------------------------------------------------------ point 6: silent wrong inputs
+@pytest.mark.parametrize("name", sorted(FRONTENDS))
+def test_frontends_scale_integer_pcm_and_refuse_bad_arrays(name):
+    frontend = get_frontend(name)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(-0.5, 0.5, (1, 8000)).astype(np.float32))
+    pcm = (x * 32768).round().to(torch.int16)
+    reference = frontend(pcm.float() / 32768)
+    torch.testing.assert_close(frontend(pcm), reference)  # was +20.8 log units / +90 dB
+    for bad in (torch.full((1, 8000), float("nan")), torch.full((2, 8000), float("inf")), torch.zeros(0, 8000),
+                torch.zeros(1, 0), torch.zeros(8000, dtype=torch.bool), torch.zeros(1, 10)):  # fmt: skip
+        with pytest.raises(InputError):
+            frontend(bad)
+
+
+def test_a_truncated_wav_is_refused_not_half_read(tmp_path):
+    full = _wav(tmp_path / "full.wav", np.zeros(32000, np.float32))
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(audio.AudioError, match="truncated WAV: the header promises 2.00 s"):
+        audio.load(truncated)
+    with pytest.raises(audio.AudioError, match="truncated"):
+        list(audio.stream(truncated))
+    assert len(audio.load(full)) == 32000
+
+
+def test_audio_errors_are_tympan_errors():
+    assert issubclass(audio.AudioError, TympanError) and issubclass(audio.AudioError, ValueError)
