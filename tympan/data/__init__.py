@@ -24,6 +24,7 @@ from tympan.data.augment import (
 from tympan.data.datasets import AudioDataset, ClipPipeline, Collate, collate_audio, crop_or_pad
 from tympan.data.manifest import (
     DatafileError,
+    Dataset,
     DatafilePaths,
     Manifest,
     MultiHot,
@@ -31,6 +32,8 @@ from tympan.data.manifest import (
     esc10_datafile,
     fsdd_datafile,
     fsdd_split,
+    import_dataset,
+    load_dataset,
     read_datafile,
     write_datafile,
     write_label_csv,
@@ -55,6 +58,7 @@ __all__ = [
     "Compose",
     "DatafileError",
     "DatafilePaths",
+    "Dataset",
     "DistributedSampler",
     "Manifest",
     "Mixup",
@@ -73,6 +77,8 @@ __all__ = [
     "esc10_datafile",
     "fsdd_datafile",
     "fsdd_split",
+    "import_dataset",
+    "load_dataset",
     "mask_along_axis",
     "mix_batch",
     "pack_shards_main",

@@ -26,6 +26,7 @@ from tympan.audio import info
 from tympan.labels import LabelSet, read_label_csv
 
 __all__ = [
+    "Dataset",
     "DatafileError",
     "DatafilePaths",
     "Manifest",
@@ -35,6 +36,8 @@ __all__ = [
     "esc10_datafile",
     "fsdd_datafile",
     "fsdd_split",
+    "import_dataset",
+    "load_dataset",
     "read_datafile",
     "write_datafile",
     "write_label_csv",
@@ -339,3 +342,169 @@ def as_manifest(source: Manifest | Iterable[Record] | str | os.PathLike) -> Mani
         return read_datafile(source)
     return Manifest(source)
 
+
+
+# ------------------------------------------------------------------------------------------ any dataset
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
+_FILE_COLUMNS = ("wav", "filename", "file", "path", "audio", "fname", "file_name", "slice_file_name")
+_LABEL_COLUMNS = ("labels", "label", "category", "class", "class_name", "classname", "tag", "tags")
+_AUDIO_FOLDERS = (".", "audio", "recordings", "wav", "wavs", "clips", "data")
+
+
+class Dataset(NamedTuple):
+    """A dataset read from any source: its records, its label set (``None`` when unlabelled) and what was skipped."""
+
+    manifest: Manifest
+    labels: LabelSet | None
+    skipped: tuple[str, ...]  # one line per row/file left out, with the reason
+
+
+def load_dataset(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Dataset:
+    """Read a dataset from whatever a user has: a JSON datafile (its label CSV beside it, ``<stem>_labels.csv``),
+    a CSV with a file column and optionally a label/fold/split column, a folder tree ``class/*.wav`` (labels from
+    the first-level folder names), a folder of unlabelled audio, or a text file listing audio paths.
+
+    The shared datasets' own CSVs (``esc10.csv``, ``fsdd.csv``) go through their converters, so their labels keep
+    the conventions of the recipes. `root` is where a CSV's relative file names live (default: the CSV's folder or
+    its ``audio/``, ``recordings/``... subfolder, whichever holds the first file).
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DatafileError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _folder_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        manifest = read_datafile(path)
+        beside = path.with_name(f"{path.stem}_labels.csv")
+        return Dataset(manifest, read_label_csv(beside) if beside.is_file() else _labels_of(manifest), ())
+    if suffix == ".csv":
+        return _csv_dataset(path, root)
+    if suffix in (".txt", ".lst", ".list"):
+        return _list_dataset(path)
+    if suffix in AUDIO_SUFFIXES:
+        return Dataset(Manifest([Record(wav=str(path.resolve()))], path), None, ())
+    raise DatafileError(f"{path}: not a dataset (a .json datafile, a .csv, a folder or a .txt list of audio files)")
+
+
+def import_dataset(source: str | os.PathLike, out: str | os.PathLike, root: str | os.PathLike | None = None,
+                   relative: bool = False) -> tuple[DatafilePaths | Path, Dataset]:
+    """:func:`load_dataset` written as a datafile: ``out`` (``NAME.json``) and, when labelled, ``NAME_labels.csv``."""
+    dataset = load_dataset(source, root)
+    out = Path(out)
+    if out.suffix.lower() != ".json":
+        out = out / f"{_dataset_name(Path(source))}.json"
+    datafile = write_datafile(dataset.manifest, out, relative)
+    if dataset.labels is None:
+        return datafile, dataset
+    return DatafilePaths(datafile, write_label_csv(dataset.labels, out.with_name(f"{out.stem}_labels.csv"))), dataset
+
+
+def _dataset_name(source: Path) -> str:
+    return source.resolve().name if source.is_dir() else source.stem
+
+
+def _labels_of(manifest: Manifest) -> LabelSet | None:
+    names = sorted({label for record in manifest for label in record.labels})
+    return LabelSet(tuple(names), tuple(names)) if names else None
+
+
+def _is_audio(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
+
+
+def _folder_dataset(folder: Path) -> Dataset:
+    """``folder/class/**/audio`` -> labelled by class folder; audio directly in `folder` (and no class folders) ->
+    unlabelled."""
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    labelled = {d.name: sorted(p for p in d.rglob("*") if _is_audio(p)) for d in classes}
+    labelled = {name: files for name, files in labelled.items() if files}
+    loose = sorted(p for p in folder.iterdir() if _is_audio(p))
+    if labelled:
+        records = [Record(wav=str(p.resolve()), labels=(name,)) for name, files in labelled.items() for p in files]
+        skipped = tuple(f"{p}: audio outside a class folder" for p in loose)
+        names = tuple(labelled)
+        return Dataset(Manifest(records, folder), LabelSet(names, names), skipped)
+    if not loose:
+        raise DatafileError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) here or in class folders")
+    return Dataset(Manifest([Record(wav=str(p.resolve())) for p in loose], folder), None, ())
+
+
+def _list_dataset(path: Path) -> Dataset:
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        wav = Path(line).expanduser()
+        wav = wav if wav.is_absolute() else path.resolve().parent / wav
+        if wav.is_file():
+            records.append(Record(wav=str(wav.resolve())))
+        else:
+            skipped.append(f"{path}:{number}: {line}: no such file")
+    if not records:
+        raise DatafileError(f"{path}: lists no existing audio file")
+    return Dataset(Manifest(records, path), None, tuple(skipped))
+
+
+def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
+    lowered = {c.strip().lower(): c for c in columns}
+    return next((lowered[c] for c in candidates if c in lowered), None)
+
+
+def _csv_dataset(path: Path, root: str | os.PathLike | None) -> Dataset:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or ())
+        rows = list(reader)
+    known = {"esc10.csv": (esc10_datafile, {"filename", "target_esc10", "category"}),
+             "fsdd.csv": (fsdd_datafile, {"filename", "digit", "speaker", "index"})}
+    if path.name in known and known[path.name][1] <= set(columns) and root is None:
+        import tempfile
+
+        convert = known[path.name][0]
+        with tempfile.TemporaryDirectory() as tmp:
+            written = convert(path.parent, tmp)
+            return Dataset(read_datafile(written.datafile), read_label_csv(written.labels), ())
+    file_column = _pick(columns, _FILE_COLUMNS)
+    if file_column is None:
+        raise DatafileError(f"{path}: no file column (one of {', '.join(_FILE_COLUMNS)}) among {', '.join(columns)}")
+    label_column = _pick(columns, _LABEL_COLUMNS)
+    fold_column, split_column = _pick(columns, ("fold",)), _pick(columns, ("split", "set", "subset"))
+    base = Path(root) if root is not None else _audio_root(path, [r[file_column] for r in rows])
+    records, skipped = [], []
+    for number, row in enumerate(rows, 2):  # line 1 is the header
+        wav = Path(row[file_column].strip()).expanduser()
+        wav = wav if wav.is_absolute() else base / wav
+        if not wav.is_file():
+            skipped.append(f"{path}:{number}: {row[file_column]}: no such file under {base}")
+            continue
+        try:
+            fold = int(row[fold_column]) if fold_column and row[fold_column].strip() else None
+        except ValueError:
+            raise DatafileError(f"{path}:{number}: fold {row[fold_column]!r} is not an integer") from None
+        used = {file_column, label_column, fold_column, split_column}
+        records.append(Record(
+            wav=str(wav.resolve()),
+            labels=_parse_labels(row[label_column]) if label_column else (),
+            fold=fold,
+            split=(row[split_column].strip() or None) if split_column else None,
+            extra={k: v for k, v in row.items() if k not in used and k is not None},
+        ))
+    if not records:
+        raise DatafileError(f"{path}: none of its {len(rows)} rows names an existing audio file under {base}")
+    manifest = Manifest(records, path)
+    return Dataset(manifest, _labels_of(manifest) if label_column else None, tuple(skipped))
+
+
+def _audio_root(csv_path: Path, names: Sequence[str]) -> Path:
+    """The folder (the CSV's own or a usual audio subfolder) where most of the first rows' files exist."""
+    folder = csv_path.resolve().parent
+    sample = [n.strip() for n in names[:20] if n.strip()]
+    best, hits = folder, 0
+    for name in _AUDIO_FOLDERS:
+        candidate = (folder / name).resolve()
+        found = sum((candidate / n).is_file() for n in sample)
+        if found > hits:
+            best, hits = candidate, found
+    return best
