@@ -79,32 +79,46 @@ def _run_features(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from tympan.audio import AudioError, load
+    from tympan.audio import AudioError, stream
+    from tympan.errors import TympanError
     from tympan.features import get_frontend
+    from tympan.features.streaming import stream_features
+    from tympan.files import atomic_write, unique_names
 
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"--output {args.output} exists and is not a folder")
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {args.output}: cannot create the folder ({err.strerror or err})") from None
     frontend = get_frontend(args.frontend)
-    args.output.mkdir(parents=True, exist_ok=True)
+    names = unique_names(list(args.files), f".{args.format}")  # a/x.flac and b/x.wav never share an output
     failed: list[str] = []
-    for path in tqdm(args.files, desc=f"features ({args.frontend})", unit="file", disable=len(args.files) < 2):
+    written = 0
+    for path, name in tqdm(list(zip(args.files, names)), desc=f"features ({args.frontend})", unit="file",
+                           disable=len(args.files) < 2):  # fmt: skip
         try:
-            samples = load(path, sample_rate=frontend.sample_rate)
-            with torch.no_grad():
-                feats = frontend(torch.from_numpy(samples)[None])[0].contiguous()
-        except (AudioError, ValueError) as err:
+            stream(path, sample_rate=frontend.sample_rate)  # header checks before any work
+            with torch.no_grad():  # block by block: a 1 h file never lies in memory whole
+                feats = stream_features(frontend, lambda: stream(path, block_seconds=30.0,
+                                                                 sample_rate=frontend.sample_rate))
+            feats = feats.contiguous()
+        except (AudioError, TympanError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
-        target = args.output / f"{path.stem}.{args.format}"
+        target = args.output / name
         if args.format == "npy":
-            np.save(target, feats.numpy())
+            atomic_write(target, lambda tmp: np.save(open(tmp, "wb"), feats.numpy()))
         else:
             from safetensors.torch import save_file
 
-            save_file({"features": feats}, str(target), metadata={"frontend": args.frontend, "source": str(path)})
+            metadata = {"frontend": args.frontend, "source": str(path)}
+            atomic_write(target, lambda tmp: save_file({"features": feats}, tmp, metadata=metadata))
+        written += 1
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
-    print(f"{len(args.files) - len(failed)} of {len(args.files)} files written to {args.output}", file=sys.stderr)
+    print(f"{written} of {len(args.files)} files written to {args.output}", file=sys.stderr)
     return 1 if failed else 0
-
 
 
 # ------------------------------------------------------------------------------------------------------ tag
@@ -427,11 +441,156 @@ def _run_niah(args: argparse.Namespace) -> int:
     return run_niah_args(args, overrides=_parse_overrides(args.set))
 
 
+# --------------------------------------------------------------------------------------------------- listen
+def _add_listen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "listen",
+        help="tag live audio (microphone, a PCM pipe, or a file at real-time pace) chunk by chunk",
+        description="Tag live audio as it arrives: one line (or JSON object) per chunk, with the same fields as "
+        "'tympan tag --chunk' plus the latency from the chunk's last sample to its line. SOURCE is omitted for the "
+        "default microphone (needs 'pip install tympan[live]' and the PortAudio library), '-' for raw mono PCM on "
+        "stdin (16 kHz s16le unless --pcm/--rate say otherwise; read into a buffer while the model loads), or an "
+        "audio file, played at real-time pace (--fast: as fast as possible). A readiness line goes to stderr when "
+        "the first block arrives; Ctrl-C or the end of the input flushes the last partial chunk and prints a "
+        "one-line summary (chunks, real-time factor, median and max latency) on stderr.",
+        epilog="examples:\n"
+        "  tympan listen                                   the default microphone, default model\n"
+        "  tympan listen --list-devices                    the capture devices PortAudio sees\n"
+        "  arecord -f S16_LE -r 16000 -c 1 -t raw | tympan listen - --format jsonl\n"
+        "  ffmpeg -i URL -f s16le -ac 1 -ar 16000 - | tympan listen - --model sat-tiny-2s\n"
+        "  tympan listen long.flac --chunk 2 --fast        a file through the same live loop",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="'-' for raw PCM on stdin, an audio file, or nothing for the default microphone")
+    p.add_argument("--model", metavar="ID",
+                   help="registered model id (default: the shipped default model, see tympan.inference.live)")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="weights to load (official layout or tympan safetensors); default: the official weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry of the model (repeatable)")
+    p.add_argument("--random", action="store_true", help="keep the random initialisation (a sanity floor)")
+    p.add_argument("--chunk", type=float, metavar="SECONDS",
+                   help="chunk length (default: a streaming model's own chunk, 2 s otherwise)")
+    p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per chunk (default 5)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text", help="output format (default text)")
+    p.add_argument("--seconds", type=float, metavar="N", help="stop after N seconds of audio")
+    p.add_argument("--record", type=Path, metavar="OUT.wav",
+                   help="also save the 16 kHz audio the model saw (float WAV: bit-exact)")
+    p.add_argument("--device", metavar="NAME|INDEX", help="capture device (microphone source only)")
+    p.add_argument("--list-devices", action="store_true", help="list the capture devices and exit")
+    p.add_argument("--pcm", choices=("s16le", "f32le"), default="s16le", help="stdin sample format (default s16le)")
+    p.add_argument("--rate", type=float, default=16000, metavar="R",
+                   help="stdin sample rate in Hz, resampled to 16 kHz (default 16000)")
+    p.add_argument("--fast", action="store_true", help="play a file as fast as possible instead of in real time")
+
+
+def _listen_source(args: argparse.Namespace):
+    from tympan.audio import AudioError
+    from tympan.inference import live
+
+    if args.source is None:
+        if args.fast:
+            raise UserError("--fast applies to a file SOURCE only")
+        return live.MicrophoneSource(args.device)
+    if args.device is not None:
+        raise UserError("--device applies to the microphone (no SOURCE) only")
+    if args.source == "-":
+        if args.fast:
+            raise UserError("--fast applies to a file SOURCE only")
+        return live.PcmSource(sys.stdin.buffer, encoding=args.pcm, rate=args.rate)
+    if args.pcm != "s16le" or args.rate != 16000:
+        raise UserError("--pcm and --rate describe raw PCM on stdin (SOURCE '-') only")
+    try:
+        return live.FileSource(args.source, realtime=not args.fast)
+    except AudioError as err:
+        raise UserError(str(err)) from None
+
+
+def _run_listen(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import signal
+
+    import numpy as np
+
+    from tympan.inference import live
+    from tympan.inference.streaming import Streamer
+    from tympan.inference.tagging import FileTags, Tagger
+
+    try:
+        if args.list_devices:
+            devices = live.list_input_devices()
+            for d in devices:
+                mark = "*" if d["default"] else " "
+                print(f'{mark}{d["index"]:3d}  {d["name"]}  ({d["channels"]} in, {d["rate"]:g} Hz)')
+            if not devices:
+                print("no capture devices found; pipe raw PCM in instead: tympan listen -", file=sys.stderr)
+            return 0
+        if args.topk < 1:
+            raise UserError("--topk must be at least 1")
+        if args.chunk is not None and args.chunk <= 0:
+            raise UserError("--chunk must be positive")
+        if args.seconds is not None and args.seconds <= 0:
+            raise UserError("--seconds must be positive")
+        source = _listen_source(args)
+        if source.buffers_early:
+            source.start()  # a pipe is drained into memory while the model loads
+        args.model = args.model or live.default_model()
+        model = _load_model(args)
+        try:
+            streamer = Streamer(model, chunk_seconds=args.chunk)
+            labels = Tagger(model).labels
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        streamer.run(np.zeros(streamer.chunk_samples, np.float32))  # warm-up; run_live resets the stream
+
+        def stop(signum: int, frame: object) -> None:
+            source.request_stop()
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_ready() -> None:
+            chunk = streamer.chunk_samples / 16000
+            print(f"tympan listen: listening to {source.description} with {args.model} ({chunk:g} s chunks); "
+                  "Ctrl-C to stop", file=sys.stderr, flush=True)
+
+        def on_chunk(result, latency: float) -> None:
+            tags = FileTags(source.description, [result.start], [result.end], [result.output[0]])
+            chunk = _tag_record(tags, labels, args.topk, per_chunk=True)["chunks"][0]
+            chunk["latency_ms"] = round(latency * 1e3, 3)
+            try:
+                if args.format == "jsonl":
+                    print(json.dumps(chunk), flush=True)
+                else:
+                    span = f'[{chunk["start"]:.1f}s]-[{chunk["end"]:.1f}s]'
+                    lines = [f'{span} Topk-{rank} {tag["label"]} {tag["probability"]:.4f}'
+                             for rank, tag in enumerate(chunk["tags"], 1)]
+                    lines[0] += f'  ({chunk["latency_ms"]:.1f} ms)'
+                    print("\n".join(lines), flush=True)
+            except BrokenPipeError:  # the reader went away (e.g. '| head'): stop quietly
+                sys.stdout = open(os.devnull, "w")
+                source.request_stop()
+
+        try:
+            summary = live.run_live(source, streamer, on_chunk, max_seconds=args.seconds, record=args.record,
+                                    on_ready=on_ready)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    except live.LiveError as err:
+        raise UserError(str(err)) from None
+    print(f"tympan listen: {summary.line()}", file=sys.stderr, flush=True)
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
     "features": (_add_features, _run_features),
     "tag": (_add_tag, _run_tag),
+    "listen": (_add_listen, _run_listen),
     "shards": (_add_shards, _run_shards),
     "embed": (_add_embed, _run_embed),
     "probe": (_add_probe, _run_probe),
