@@ -79,46 +79,32 @@ def _run_features(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from tympan.audio import AudioError, stream
-    from tympan.errors import TympanError
+    from tympan.audio import AudioError, load
     from tympan.features import get_frontend
-    from tympan.features.streaming import stream_features
-    from tympan.files import atomic_write, unique_names
 
-    if args.output.exists() and not args.output.is_dir():
-        raise UserError(f"--output {args.output} exists and is not a folder")
-    try:
-        args.output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--output {args.output}: cannot create the folder ({err.strerror or err})") from None
     frontend = get_frontend(args.frontend)
-    names = unique_names(list(args.files), f".{args.format}")  # a/x.flac and b/x.wav never share an output
+    args.output.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    written = 0
-    for path, name in tqdm(list(zip(args.files, names)), desc=f"features ({args.frontend})", unit="file",
-                           disable=len(args.files) < 2):  # fmt: skip
+    for path in tqdm(args.files, desc=f"features ({args.frontend})", unit="file", disable=len(args.files) < 2):
         try:
-            stream(path, sample_rate=frontend.sample_rate)  # header checks before any work
-            with torch.no_grad():  # block by block: a 1 h file never lies in memory whole
-                feats = stream_features(frontend, lambda: stream(path, block_seconds=30.0,
-                                                                 sample_rate=frontend.sample_rate))
-            feats = feats.contiguous()
-        except (AudioError, TympanError) as err:
+            samples = load(path, sample_rate=frontend.sample_rate)
+            with torch.no_grad():
+                feats = frontend(torch.from_numpy(samples)[None])[0].contiguous()
+        except (AudioError, ValueError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
-        target = args.output / name
+        target = args.output / f"{path.stem}.{args.format}"
         if args.format == "npy":
-            atomic_write(target, lambda tmp: np.save(open(tmp, "wb"), feats.numpy()))
+            np.save(target, feats.numpy())
         else:
             from safetensors.torch import save_file
 
-            metadata = {"frontend": args.frontend, "source": str(path)}
-            atomic_write(target, lambda tmp: save_file({"features": feats}, tmp, metadata=metadata))
-        written += 1
+            save_file({"features": feats}, str(target), metadata={"frontend": args.frontend, "source": str(path)})
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
-    print(f"{written} of {len(args.files)} files written to {args.output}", file=sys.stderr)
+    print(f"{len(args.files) - len(failed)} of {len(args.files)} files written to {args.output}", file=sys.stderr)
     return 1 if failed else 0
+
 
 
 # ------------------------------------------------------------------------------------------------------ tag
