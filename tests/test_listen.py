@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,27 @@ def test_file_source_seconds_and_record(tmp_path, data_dir, sat_checkpoint):
     assert_same_tags(live, tag_chunks(out, sat_checkpoint))
 
 
+def test_ctrl_c_flushes_and_summarises(tmp_path, data_dir, sat_checkpoint):
+    out = tmp_path / "interrupted.wav"
+    cmd = [sys.executable, "-m", "tympan", "listen", str(data_dir / CLIP), "--record", str(out), "--format", "jsonl",
+           *model_args(sat_checkpoint)]
+    listen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = listen.stdout.readline()  # the first chunk is out: interrupt mid-stream (real-time pace)
+        listen.send_signal(signal.SIGINT)
+        rest, err = listen.communicate(timeout=120)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+    assert listen.returncode == 0, err.decode()
+    summary = err.decode().splitlines()[-1]
+    live = live_chunks(first + rest)
+    assert summary.startswith(f"tympan listen: {len(live)} chunks, ") and "latency median" in summary
+    assert live[-1]["end"] == pytest.approx(len(sf.read(out)[0]) / 16000)  # the partial chunk was flushed
+    assert_same_tags(live, tag_chunks(out, sat_checkpoint))
+
+
 def test_text_output_and_user_errors(data_dir, sat_checkpoint, tmp_path):
     clip = data_dir / CLIP
     done = tympan("listen", str(clip), "--fast", *model_args(sat_checkpoint)[:-2], "--topk", "2")
@@ -201,8 +223,11 @@ def test_microphone_capture_equals_tag_on_the_recording(pulse_env, tmp_path, dat
     reader = threading.Thread(target=lambda: stdout.append(listen.stdout.read()), daemon=True)
     reader.start()
     try:
-        ready = listen.stderr.readline().decode()
-        assert ready.startswith("tympan listen: listening to input device"), ready + listen.stderr.read().decode()
+        seen = []  # PortAudio/ALSA may print notices before the readiness line
+        while not (seen and seen[-1].startswith("tympan listen: listening to input device")):
+            line = listen.stderr.readline().decode()
+            assert line, "listen ended before it was ready:\n" + "".join(seen)
+            seen.append(line)
         play = subprocess.run(["paplay", str(clip)], env=pulse_env, capture_output=True, timeout=60)
         assert play.returncode == 0, play.stderr.decode()
         rest = listen.stderr.read().decode()

@@ -484,6 +484,9 @@ def _listen_source(args: argparse.Namespace):
     if args.source == "-":
         if args.fast:
             raise UserError("--fast applies to a file SOURCE only")
+        if sys.stdin.isatty():
+            raise UserError("stdin is a terminal: pipe raw PCM in, e.g. arecord -f S16_LE -r 16000 -c 1 -t raw | "
+                            "tympan listen -")
         return live.PcmSource(sys.stdin.buffer, encoding=args.pcm, rate=args.rate)
     if args.pcm != "s16le" or args.rate != 16000:
         raise UserError("--pcm and --rate describe raw PCM on stdin (SOURCE '-') only")
@@ -500,6 +503,7 @@ def _run_listen(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from tympan.audio import AudioError
     from tympan.inference import live
     from tympan.inference.streaming import Streamer
     from tympan.inference.tagging import FileTags, Tagger
@@ -565,7 +569,7 @@ def _run_listen(args: argparse.Namespace) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    except live.LiveError as err:
+    except (live.LiveError, AudioError) as err:
         raise UserError(str(err)) from None
     print(f"tympan listen: {summary.line()}", file=sys.stderr, flush=True)
     return 0
