@@ -18,7 +18,9 @@ for any input dtype: callers that mimic it cast ``y``.)
 
 Backends: "chunked" (:mod:`tympan.ops.chunked_scan`: blocked, chunk-parallel, stable, hand-written backward;
 runs on any device), "reference" (the sequential loop below, the test oracle), "cuda" (mamba_ssm's fused
-kernel when importable), "auto" (the kernel for CUDA tensors when available, else "chunked").
+kernel when importable), "auto" (the kernel for CUDA tensors when available, else "chunked"). While a model is
+being exported (``torch.export`` / ``torch.onnx.export``), "auto" and "chunked" use the export form
+(:mod:`tympan.ops.export_scan`: one ``scan`` higher-order op, an ONNX ``Scan``) instead.
 """
 
 from __future__ import annotations
@@ -175,6 +177,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
             return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         if backend == "cuda":
             raise ValueError("selective_scan: backend='cuda' needs CUDA tensors and an importable mamba_ssm")
+    from tympan.ops.export_scan import exporting, selective_scan_export
+
+    if exporting():  # the chunked scan's Python loops over the length do not export
+        return selective_scan_export(*args)
     from tympan.ops.chunked_scan import selective_scan_chunked
 
     return selective_scan_chunked(*args)
