@@ -148,3 +148,91 @@ def test_embed_then_probe_then_niah(tmp_path, data_dir, capsys):
                  "depths=[1,1,1,1]", "--random", "--durations", "10", "20", "--positions", "0.5",
                  "--num-needles", "1", "-o", str(tmp_path / "niah")]) == 0
     assert {p.name for p in (tmp_path / "niah").iterdir()} >= {"niah.json", "niah.png", "niah.txt"}
+
+
+# ------------------------------------------------------------------------------ issue 15: outputs lost or misreported
+def _tone_file(path, seconds: float = 1.0, rate: int = 16000):
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+    return path
+
+
+def test_features_keeps_inputs_with_one_stem_apart(tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = _tone_file(tmp_path / "a" / "x.flac"), _tone_file(tmp_path / "b" / "x.wav", seconds=2.0)
+    out = tmp_path / "out"
+    assert main(["features", str(first), str(second), "--frontend", "kaldi-fbank", "-o", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 2 and "2 of 2 files written" in capsys.readouterr().err
+    lengths = sorted(np.load(out / name).shape[0] for name in written)
+    assert lengths == [98, 198]  # both files, not one written twice
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_features_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    clip = _tone_file(tmp_path / "x.wav")
+    existing = tmp_path / "taken.npy"
+    existing.write_bytes(b"keep me")
+    assert main(["features", str(clip), "--frontend", "kaldi-fbank", "-o", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "not a folder" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_features_streams_long_files_to_the_same_result(tmp_path):
+    import torch
+
+    from tympan.audio import load
+    from tympan.features import get_frontend
+
+    clip = _tone_file(tmp_path / "long.wav", seconds=75.0)  # longer than one 30 s block
+    for frontend in ("kaldi-fbank", "dasheng-mel"):
+        out = tmp_path / frontend
+        assert main(["features", str(clip), "--frontend", frontend, "-o", str(out)]) == 0
+        whole = get_frontend(frontend)(torch.from_numpy(load(clip)))
+        np.testing.assert_allclose(np.load(out / "long.npy"), whole.numpy(), atol=1e-4)
+
+
+def test_tag_csv_quotes_file_names_and_plots_do_not_collide(tmp_path, sat_checkpoint, capsys):
+    import csv
+    import io
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    odd = _tone_file(tmp_path / "a" / 'x, "quoted".wav')
+    other = _tone_file(tmp_path / "b" / 'x, "quoted".flac')
+    common = ["--model", "sat-tiny-2s", "--checkpoint", sat_checkpoint, "--topk", "2"]
+    assert main(["tag", str(odd), str(other), *common, "--format", "csv", "--plot", str(tmp_path / "p.png")]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["file", "start", "end", "rank", "label", "mid", "probability"]
+    assert {row[0] for row in rows[1:]} == {str(odd), str(other)} and all(len(row) == 7 for row in rows)
+    plots = sorted(p for p in tmp_path.glob("p_*.png"))
+    assert len(plots) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+
+def test_tag_refuses_nan_weights_instead_of_printing_nan(tmp_path, sat_checkpoint, capsys):
+    import torch
+
+    import tympan
+
+    model = tympan.load("sat-tiny-2s", checkpoint=sat_checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    saved = tympan.save(model, tmp_path / "nan.safetensors")
+    clip = _tone_file(tmp_path / "x.wav")
+    assert main(["tag", str(clip), "--model", "sat-tiny-2s", "--checkpoint", str(saved)]) == 2
+    captured = capsys.readouterr()
+    assert "NaN" in captured.err and "nan" not in captured.out and len(captured.err.splitlines()) == 1
+
+
+def test_features_refuses_a_1_hz_header_in_one_line(tmp_path, capsys):
+    import struct
+
+    clip = _tone_file(tmp_path / "one_hz.wav", seconds=1.25)  # 40 KB
+    data = bytearray(clip.read_bytes())
+    data[24:28], data[28:32] = struct.pack("<I", 1), struct.pack("<I", 2)
+    clip.write_bytes(bytes(data))
+    assert main(["features", str(clip), "--frontend", "dasheng-mel", "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "implausible sample rate in the header 1 Hz" in err and "0 of 1 files written" in err

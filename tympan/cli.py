@@ -27,7 +27,10 @@ run 'tympan COMMAND --help' for the options of each command."""
 
 
 class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
+    """An error caused by the user's input: printed as one line, exit status 2.
+
+    Exit statuses, every command: 0 all good, 1 some inputs were skipped (each reported on stderr), 2 a usage
+    or fatal error (one line naming the flag or file; any :class:`tympan.errors.TympanError` ends up here)."""
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -79,32 +82,53 @@ def _run_features(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from tympan.audio import AudioError, load
+    from tympan.audio import AudioError, stream
+    from tympan.errors import TympanError
     from tympan.features import get_frontend
+    from tympan.features.streaming import stream_features
+    from tympan.files import atomic_write, unique_names
 
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"--output {args.output} exists and is not a folder")
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {args.output}: cannot create the folder ({err.strerror or err})") from None
     frontend = get_frontend(args.frontend)
-    args.output.mkdir(parents=True, exist_ok=True)
+    names = unique_names(list(args.files), f".{args.format}")  # a/x.flac and b/x.wav never share an output
     failed: list[str] = []
-    for path in tqdm(args.files, desc=f"features ({args.frontend})", unit="file", disable=len(args.files) < 2):
+    written = 0
+    for path, name in tqdm(list(zip(args.files, names)), desc=f"features ({args.frontend})", unit="file",
+                           disable=len(args.files) < 2):  # fmt: skip
         try:
-            samples = load(path, sample_rate=frontend.sample_rate)
-            with torch.no_grad():
-                feats = frontend(torch.from_numpy(samples)[None])[0].contiguous()
-        except (AudioError, ValueError) as err:
+            stream(path, sample_rate=frontend.sample_rate)  # header checks before any work
+            with torch.no_grad():  # block by block: a 1 h file never lies in memory whole
+                feats = stream_features(frontend, lambda: stream(path, block_seconds=30.0,
+                                                                 sample_rate=frontend.sample_rate))
+            feats = feats.contiguous()
+        except (AudioError, TympanError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
-        target = args.output / f"{path.stem}.{args.format}"
+        target = args.output / name
         if args.format == "npy":
-            np.save(target, feats.numpy())
+            atomic_write(target, lambda tmp, array=feats.numpy(): _write_npy(tmp, array))
         else:
             from safetensors.torch import save_file
 
-            save_file({"features": feats}, str(target), metadata={"frontend": args.frontend, "source": str(path)})
+            metadata = {"frontend": args.frontend, "source": str(path)}
+            atomic_write(target, lambda tmp: save_file({"features": feats}, tmp, metadata=metadata))
+        written += 1
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
-    print(f"{len(args.files) - len(failed)} of {len(args.files)} files written to {args.output}", file=sys.stderr)
+    print(f"{written} of {len(args.files)} files written to {args.output}", file=sys.stderr)
     return 1 if failed else 0
 
+
+def _write_npy(path: str, array) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, array)
 
 
 # ------------------------------------------------------------------------------------------------------ tag
@@ -162,7 +186,6 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=float, metavar="SECONDS", help="report per-chunk tags for chunks of this length")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per clip or chunk (default 5)")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text", help="output format (default text)")
-    _add_backend_arguments(p)
     p.add_argument(
         "--plot", type=Path, metavar="OUT.png",
         help="save the per-chunk probabilities of the top classes over time (one PNG per file: OUT_<name>.png "
@@ -180,23 +203,18 @@ def _run_tag(args: argparse.Namespace) -> int:
         raise UserError("--topk must be at least 1")
     if args.chunk is not None and args.chunk <= 0:
         raise UserError("--chunk must be positive")
-    runner = _onnx_runner(args) if args.backend == "onnx" else None
-    model = _load_model(args) if runner is None else None
+    model = _load_model(args)
     try:
-        labels = Tagger(model).labels if runner is None else runner.labels
-        if runner is not None and (labels is None or not runner.has_head):
-            raise ValueError(f"{runner.model_id} is an encoder without a classification head: it has no tags to give")
+        labels = Tagger(model).labels
     except ValueError as err:
         raise UserError(str(err)) from None
+    _check_finite_weights(model)
     failed, records = [], []
-    for path in args.files:
+    plots = _plot_paths(args.plot, list(args.files)) if args.plot is not None else []
+    for index, path in enumerate(args.files):
         try:
-            if runner is not None:
-                from tympan.export import onnx_tag_file
-
-                tags = onnx_tag_file(runner, path, chunk_seconds=args.chunk)
-            else:
-                tags = tag_file(model, path, chunk_seconds=args.chunk, progress=sys.stderr.isatty())
+            tags = tag_file(model, path, chunk_seconds=args.chunk, progress=sys.stderr.isatty())
+            _check_finite_scores(tags, path)
         except (AudioError, ValueError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
@@ -205,21 +223,56 @@ def _run_tag(args: argparse.Namespace) -> int:
         if args.format == "text":
             _print_tag_text(record)
         if args.plot is not None:
-            out = args.plot if len(args.files) == 1 else args.plot.with_name(f"{args.plot.stem}_{path.stem}.png")
-            plot_timeline(tags, labels, out, topk=min(args.topk, 5))
+            plot_timeline(tags, labels, plots[index], topk=min(args.topk, 5))
     if args.format == "json":
         print(json.dumps(records, indent=2))
     elif args.format == "csv":
-        print("file,start,end,rank,label,mid,probability")
-        for record in records:
-            for chunk in record["chunks"]:
-                for rank, tag in enumerate(chunk["tags"], 1):
-                    label = tag["label"].replace('"', '""')
-                    print(f'{record["file"]},{chunk["start"]:.2f},{chunk["end"]:.2f},{rank},"{label}",{tag["mid"]},'
-                          f'{tag["probability"]:.4f}')
+        _print_tag_csv(records)
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_finite_weights(model) -> None:
+    """NaN/inf weights would tag every file "Speech nan": refuse them once, up front."""
+    import torch
+
+    if model is None:  # another backend runs the weights
+        return
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"the model's weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[0]}); check --checkpoint")
+
+
+def _check_finite_scores(tags, path: Path) -> None:
+    import torch
+
+    if not bool(torch.isfinite(tags.probs).all()) or not all(bool(torch.isfinite(p).all()) for p in tags.chunk_probs):
+        from tympan.errors import InputError
+
+        raise InputError(f"{path}: the model gave non-finite scores (NaN or inf)")
+
+
+def _plot_paths(plot: Path, files: list[Path]) -> list[Path]:
+    """``--plot OUT.png`` for one file; ``OUT_<name>.png`` with names unique over the inputs for several."""
+    from tympan.files import unique_names
+
+    if len(files) == 1:
+        return [plot]
+    return [plot.with_name(f"{plot.stem}_{name}") for name in unique_names(files, ".png")]
+
+
+def _print_tag_csv(records: list[dict]) -> None:
+    """RFC 4180 CSV: file names with commas, quotes or newlines are quoted like any other field."""
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["file", "start", "end", "rank", "label", "mid", "probability"])
+    for record in records:
+        for chunk in record["chunks"]:
+            for rank, tag in enumerate(chunk["tags"], 1):
+                writer.writerow([record["file"], f'{chunk["start"]:.2f}', f'{chunk["end"]:.2f}', rank, tag["label"],
+                                 tag["mid"], f'{tag["probability"]:.4f}'])  # fmt: skip
 
 
 def _tag_record(tags, labels, topk: int, per_chunk: bool) -> dict:
@@ -268,9 +321,12 @@ def plot_timeline(tags, labels, out: Path, topk: int = 5) -> Path:
     ax.set_ylabel("probability")
     ax.set_title(Path(tags.path).name)
     ax.legend(loc="upper right", fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    from tympan.files import atomic_write
+
+    try:  # through a temporary file: two runs writing one PNG never tear it
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -402,14 +458,11 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_arguments(p)
     add_embed_arguments(p)
-    _add_backend_arguments(p)
 
 
 def _run_embed(args: argparse.Namespace) -> int:
     from tympan.eval.embed import run_embed
 
-    if args.backend == "onnx":
-        return _run_embed_onnx(args)
     return run_embed(args, overrides=_parse_overrides(args.set))
 
 
@@ -496,9 +549,6 @@ def _listen_source(args: argparse.Namespace):
     if args.source == "-":
         if args.fast:
             raise UserError("--fast applies to a file SOURCE only")
-        if sys.stdin.isatty():
-            raise UserError("stdin is a terminal: pipe raw PCM in, e.g. arecord -f S16_LE -r 16000 -c 1 -t raw | "
-                            "tympan listen -")
         return live.PcmSource(sys.stdin.buffer, encoding=args.pcm, rate=args.rate)
     if args.pcm != "s16le" or args.rate != 16000:
         raise UserError("--pcm and --rate describe raw PCM on stdin (SOURCE '-') only")
@@ -515,7 +565,6 @@ def _run_listen(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from tympan.audio import AudioError
     from tympan.inference import live
     from tympan.inference.streaming import Streamer
     from tympan.inference.tagging import FileTags, Tagger
@@ -581,110 +630,10 @@ def _run_listen(args: argparse.Namespace) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    except (live.LiveError, AudioError) as err:
+    except live.LiveError as err:
         raise UserError(str(err)) from None
     print(f"tympan listen: {summary.line()}", file=sys.stderr, flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------------------------- export, ORT
-def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                   help="run the model in PyTorch (default) or its verified ONNX export in onnxruntime")
-    p.add_argument("--onnx", type=Path, metavar="FILE.onnx",
-                   help="with --backend onnx: a file from 'tympan export' (default: export the model once into "
-                   "the cache, verified against PyTorch)")
-
-
-def _onnx_runner(args: argparse.Namespace):
-    """The ORT runner of ``--backend onnx``: the given ``--onnx`` file, or the model exported into the cache."""
-    try:
-        from tympan.export import ExportError, OnnxModel, cached_export
-    except ImportError as err:
-        raise UserError(f"--backend onnx needs onnx, onnxscript and onnxruntime: pip install 'tympan[onnx]' ({err})")
-    if args.onnx is not None:
-        if not args.onnx.is_file():
-            raise UserError(f"{args.onnx}: no such ONNX file")
-        try:
-            return OnnxModel(args.onnx)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-    try:
-        return OnnxModel(cached_export(_load_model(args)))
-    except ExportError as err:
-        raise UserError(str(err)) from None
-
-
-def _run_embed_onnx(args: argparse.Namespace) -> int:
-    from tympan.eval.embed import embed_datafile
-
-    if args.pooling != "scene":
-        raise UserError("--backend onnx gives the scene embedding only (--pooling scene)")
-    runner = _onnx_runner(args)
-    if runner.streaming:
-        raise UserError(f"{runner.model_id} exports its streaming step, which has no scene embedding; "
-                        "use --backend torch")
-    checkpoint = str(args.checkpoint) if args.checkpoint else None
-    result = embed_datafile(runner, args.datafile, args.output, pooling="scene", clip_seconds=args.clip_seconds,
-                            batch_size=args.batch_size, save_every=args.save_every, checkpoint=checkpoint,
-                            progress=not args.quiet)
-    print(f"{result.path}: {result.rows} clips x {result.dim} (scene, {runner.model_id}, onnx)"
-          + (f", {result.reused} reused from a previous run" if result.reused else ""))
-    for path, reason in result.skipped:
-        print(f"skipped {path}: {reason}")
-    return 0
-
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a model to ONNX and verify it in onnxruntime",
-        description="Export a model with the dynamo ONNX exporter (opset 18 by default): input 'waveform' float32 "
-        "[batch, samples] at 16 kHz (dynamic length), outputs 'probabilities' (models with a head) and 'embedding' "
-        "(scene embedding); one call is one model window. Streaming models (SAT) export their step "
-        "(chunk, state...) -> (probabilities, state...), the initial state written beside it as OUT.state.npz. "
-        "The file is then run in onnxruntime on two lengths the export did not see and compared with PyTorch; "
-        "the exit status is 1 when they do not match.",
-        epilog="examples:\n"
-        "  tympan export --model ast-base384 -o ast.onnx\n"
-        "  tympan export --model sat-tiny-2s -o sat.onnx          # step graph + sat.state.npz\n"
-        "  tympan export --model dass-small --no-frontend -o dass-features.onnx\n"
-        "  tympan tag clip.wav --model ast-base384 --backend onnx --onnx ast.onnx",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", metavar="ID", help="registered model id (default: the default model)")
-    p.add_argument("--checkpoint", type=Path, metavar="PATH",
-                   help="weights to load (official layout or tympan safetensors); default: the official weights")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry of the model (repeatable)")
-    p.add_argument("--random", action="store_true", help="keep the random initialisation instead of loading weights")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="ONNX file to write")
-    p.add_argument("--no-frontend", action="store_true",
-                   help="graph input is the frontend's output ('features') instead of the waveform")
-    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    import json
-
-    try:
-        from tympan.export import ExportError, default_model_id, export_onnx, verify_onnx
-    except ImportError as err:
-        raise UserError(f"export needs onnx, onnxscript and onnxruntime: pip install 'tympan[onnx]' ({err})")
-    args.model = args.model or default_model_id()
-    model = _load_model(args)
-    try:
-        report = export_onnx(model, args.output, frontend=not args.no_frontend, opset=args.opset)
-    except ExportError as err:
-        raise UserError(str(err)) from None
-    if not args.no_verify:
-        verify_onnx(model, report)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
-    for failure in report.failures:
-        print(f"mismatch: {failure}", file=sys.stderr)
-    return 1 if report.ok is False else 0
 
 
 # -------------------------------------------------------------------------------------------------- plumbing
@@ -692,7 +641,6 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
     "features": (_add_features, _run_features),
     "tag": (_add_tag, _run_tag),
-    "export": (_add_export, _run_export),
     "listen": (_add_listen, _run_listen),
     "shards": (_add_shards, _run_shards),
     "embed": (_add_embed, _run_embed),
@@ -729,10 +677,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _, run = COMMANDS[args.command]
+    from tympan.errors import TympanError
+
     try:
         return run(args)
-    except (UserError, CheckpointError, UnknownModelError, FileNotFoundError) as err:
-        print(f"tympan {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, TympanError, CheckpointError, UnknownModelError, FileNotFoundError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the error carried
+        print(f"tympan {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permission denied while writing results
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"tympan {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -4,40 +4,55 @@ A checkpoint is one ``torch.save`` file holding the model and optimiser state (u
 (epoch, the next batch of that epoch, optimiser steps), the best metric so far, and every rank's RNG states
 (torch CPU and CUDA, numpy, Python), all as tensors and plain containers so that it loads with
 ``torch.load(weights_only=True)``. It is written to a temporary file in the same folder, flushed to disk and
-renamed over the old one, so a process killed at any moment leaves either the old or the new checkpoint.
+renamed over the old one, so a process killed at any moment leaves either the old or the new checkpoint (its
+temporary file is removed by the next save). A checkpoint that cannot be read is a one-line ResumeError.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tympan.errors import ResumeError
+from tympan.files import atomic_write
+
 __all__ = ["atomic_save", "capture_rng", "load_checkpoint", "restore_rng"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` through a temporary file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """``torch.save`` to ``path`` through a temporary file + fsync + rename (:func:`tympan.files.atomic_write`):
+    ordinary file mode, temporaries of crashed writers swept, a full disk is a one-line OutputError."""
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)
+
+
+REQUIRED = ("model", "optimizer", "trainer", "rng", "world_size")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint written by :func:`atomic_save`; a truncated, corrupt or foreign file is a
+    :class:`~tympan.errors.ResumeError` with one line."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ResumeError(f"{path}: cannot resume, the checkpoint is truncated or corrupt ({reason}); delete it "
+                          "to start the run over") from None  # fmt: skip
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
+        raise ResumeError(f"{path}: not a tympan training checkpoint (needs {', '.join(REQUIRED)})")
+    return state
 
 
 def capture_rng() -> dict[str, Any]:

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from tympan.data.sampling import DistributedSampler
 from tympan.eval.metrics import multilabel_metrics, singlelabel_metrics
 from tympan.train import distributed as dist_utils
 from tympan.train.averaging import EMA, average_checkpoints
+from tympan.errors import ResumeError
 from tympan.train.checkpointing import atomic_save, capture_rng, load_checkpoint, restore_rng
 from tympan.train.config import ConfigError, save_config
 from tympan.train.data import FeatureCache, SkipSampler, build_datasets, rank_sampler
@@ -355,7 +357,7 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         state = {"model": model_state, "optimizer": optim_state, "trainer": dict(self.state), "rng": rngs,
-                 "world_size": self.ctx.world_size}  # fmt: skip
+                 "world_size": self.ctx.world_size, "run": self._run_identity()}  # fmt: skip
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
@@ -366,18 +368,39 @@ class Trainer:
             atomic_save(state, self.out / "checkpoint.pt")
         dist_utils.barrier(self.ctx)
 
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run resuming it (model) and what may change with a warning."""
+        return {"model_id": self.model_id, "model_config": json.dumps(self.config["model"]["overrides"], sort_keys=True),
+                "lr": float(self.config["optim"]["lr"]), "seed": int(self.config["train"]["seed"])}  # fmt: skip
+
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` of the run folder if there is one; True when resumed."""
+        """Load ``checkpoint.pt`` of the run folder if there is one; True when resumed.
+
+        A truncated checkpoint, another model or world size is a one-line :class:`ResumeError`; a changed lr or
+        seed is resumed with a warning on stderr."""
         path = self.out / "checkpoint.pt"
         if not path.is_file():
             return False
         state = load_checkpoint(path)
         if state["world_size"] != self.ctx.world_size:
-            raise ValueError(f"{path} was written by {state['world_size']} processes; resume with the same number "
-                             f"(now {self.ctx.world_size}) for an exact continuation")  # fmt: skip
-        dist_utils.load_full_state_dict(self.model, state["model"], self.optimizer, state["optimizer"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
+            raise ResumeError(f"{path} was written by {state['world_size']} processes; resume with the same number "
+                              f"(now {self.ctx.world_size}) for an exact continuation")  # fmt: skip
+        saved, now = state.get("run") or {}, self._run_identity()
+        for key in ("model_id", "model_config"):
+            if key in saved and saved[key] != now[key]:
+                raise ResumeError(f"{path} belongs to a run of model {saved['model_id']} {saved['model_config']}, not "
+                                  f"{now['model_id']} {now['model_config']}; use another output.dir")  # fmt: skip
+        for key, name in (("lr", "optim.lr"), ("seed", "train.seed")):
+            if key in saved and saved[key] != now[key] and self.ctx.is_main:
+                print(f"warning: {name} changed since the checkpoint ({saved[key]} -> {now[key]}); the resumed run "
+                      "is not the run that was started", file=sys.stderr)  # fmt: skip
+        try:
+            dist_utils.load_full_state_dict(self.model, state["model"], self.optimizer, state["optimizer"])
+            if self.ema is not None and "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise ResumeError(f"{path} does not fit this run's model or optimiser ({reason})") from None
         self.state = dict(state["trainer"])
         restore_rng(state["rng"][self.ctx.rank])
         return True

@@ -1,0 +1,112 @@
+"""Writing result files safely: atomic replacement with ordinary permissions, no temporary files left behind.
+
+:func:`atomic_write` writes through a temporary file in the target's folder (named
+``.{name}.tmp{pid}.{random}``), flushes it to disk and renames it over the target, so readers see the old or the
+new file, never a torn one, and two writers never share a temporary file. The result gets the mode a plain
+``open()`` would give (``0666 & ~umask``), not ``mkstemp``'s 0600. Temporary files of processes that died mid-write
+are removed by the next write to the same target. A failing write (disk full, permission denied) raises
+:class:`~tympan.errors.OutputError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from tympan.errors import OutputError
+
+__all__ = ["atomic_write", "sweep_stale_temporaries", "unique_names"]
+
+_TMP = re.compile(r"\.tmp(\d+)(?:\.|$)")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove ``.{name}.tmp{pid}*`` files beside `path` whose process is gone; returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f".{path.name}.tmp*"):
+        match = _TMP.search(candidate.name[len(path.name) + 1:])
+        if match and not _alive(int(match.group(1))):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except OSError:
+                pass
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
+    """Call ``write(tmp_path)`` then move the result to `path` atomically (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create its folder ({err.strerror or err})") from None
+    sweep_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp{os.getpid()}.")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def unique_names(paths: list[Path], suffix: str) -> list[str]:
+    """Output file names for input `paths`: ``{stem}{suffix}`` when the stem is unique, else the path's parent
+    folders and full name joined by ``__`` (``a__x.flac{suffix}``), numbered if still equal. Never two alike."""
+    stems = [p.stem for p in paths]
+    names = []
+    for path, stem in zip(paths, stems):
+        if stems.count(stem) == 1:
+            names.append(f"{stem}{suffix}")
+            continue
+        parts = [part for part in Path(os.path.normpath(path)).parts if part not in ("/", "..", ".")]
+        names.append("__".join(parts[-3:]).replace(os.sep, "_") + suffix)
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        if count:
+            stem, dot, ext = name.partition(".")
+            name = f"{stem}-{count + 1}{dot}{ext}"
+        out.append(name)
+    while len(set(out)) < len(out):  # a numbered name met an original one: number again
+        out = [f"{i}-{name}" if out.count(name) > 1 else name for i, name in enumerate(out)]
+    return out
