@@ -354,14 +354,10 @@ def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Atomic replace with the mode of a plain open(), stale temporaries swept, OutputError when the disk is full."""
+    from tympan.files import atomic_write
+
+    atomic_write(path, write)
 
 
 def sha256sum(path: str | os.PathLike, block: int = 1 << 20) -> str:
