@@ -133,10 +133,11 @@ def validate_config(model_id: str, config: Mapping[str, Any], source: str) -> No
     the registered default, or sizes that would allocate more than :data:`MAX_PARAMETERS` parameters (checked on
     the meta device, so nothing is allocated)."""
     entry = get_model_entry(model_id)
+    settings = _builder_settings(entry)
     for key, value in config.items():
-        if key not in entry.config:
+        if key not in entry.config and key not in settings:
             raise CheckpointError(f"{source}: config key {key!r} is not a setting of {model_id}")
-        default = entry.config[key]
+        default = entry.config[key] if key in entry.config else settings[key]
         if default is None or value is None:
             continue
         if isinstance(default, bool) or isinstance(value, bool):
@@ -164,6 +165,18 @@ def validate_config(model_id: str, config: Mapping[str, Any], source: str) -> No
     count = sum(p.numel() for p in probe.parameters())
     if count > MAX_PARAMETERS:
         raise CheckpointError(f"{source}: config asks for {count:.3g} parameters; refusing (limit {MAX_PARAMETERS:.0e})")
+
+
+def _builder_settings(entry: Any) -> dict[str, Any]:
+    """The keyword settings a family's builder takes, with their defaults (``None`` where it has none)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(entry.build).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _first_line(err: BaseException) -> str:
