@@ -301,8 +301,8 @@ class MicrophoneSource(_QueuedSource):
         try:
             self.info = self._sd.query_devices(self.device, kind="input")
         except (ValueError, self._sd.PortAudioError) as err:
-            what = f"no input device matching {device!r}" if device is not None else "no default audio input device"
-            raise LiveError(f"{what} ({err}); see 'tympan listen --list-devices', pass --device NAME|INDEX, "
+            what = f"no input device matching {device!r}" if device is not None else f"no default audio input ({err})"
+            raise LiveError(f"{what}: see 'tympan listen --list-devices', pass --device NAME|INDEX, "
                             "or pipe raw PCM in: tympan listen -") from None
         self.block_seconds = block_seconds
         self.channels, rate = 1, SAMPLE_RATE
