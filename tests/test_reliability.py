@@ -105,3 +105,75 @@ def test_a_truncated_wav_is_refused_not_half_read(tmp_path):
 
 def test_audio_errors_are_tympan_errors():
     assert issubclass(audio.AudioError, TympanError) and issubclass(audio.AudioError, ValueError)
+
+
+# ------------------------------------------------------------------------------ points 4 and 7: files and resume
+def _tiny_model():
+    import tympan
+
+    return tympan.create_model("ssast-tiny-frame", embed_dim=32, num_heads=2, depth=1, fshape=64, tshape=4,
+                               fstride=64, tstride=4, input_fdim=64, input_tdim=40, num_classes=3)  # fmt: skip
+
+
+def test_saved_files_get_the_umask_mode_and_crashed_temporaries_are_swept(tmp_path):
+    import os
+
+    import tympan
+    from tympan.train.checkpointing import atomic_save
+
+    path = tympan.save(_tiny_model(), tmp_path / "m.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # mkstemp's 0600 before
+    dead = tmp_path / ".checkpoint.pt.tmp4194999"  # a pid above any pid_max: its writer is gone
+    dead.write_bytes(b"half a checkpoint")
+    atomic_save({"x": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+    assert not dead.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "m.json",
+                                                                               "m.safetensors"]  # fmt: skip
+
+
+def test_a_full_disk_during_save_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))   # writes past 4 KB fail like a full disk
+import tympan
+from tests.test_reliability import _tiny_model
+from tympan.errors import OutputError
+try:
+    tympan.save(_tiny_model(), {str(tmp_path / 'big.safetensors')!r})
+except OutputError as err:
+    print("OutputError", err)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # fmt: skip
+    assert result.stdout.startswith("OutputError") and "big.safetensors" in result.stdout, result.stderr[-2000:]
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_problems_are_one_line(tmp_path, data_dir, capsys):
+    from tests.test_train import toy_config
+    from tympan.cli import main
+    from tympan.train import Trainer, load_config
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        Trainer(load_config(None, toy_config(data_dir, out, **{"train.epochs": 1, "train.max_steps": 1}))).fit()
+    finally:
+        torch.set_num_threads(threads)
+    recipe = out / "config.yaml"
+    assert main(["train", str(recipe), "--set", "model.overrides.depth=2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to a run of model" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", str(recipe), "--set", "optim.lr=0.01", "--resume"]) == 0
+    assert "warning: optim.lr changed since the checkpoint" in capsys.readouterr().err
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    assert main(["train", str(recipe), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

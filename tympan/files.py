@@ -74,7 +74,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
         raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as err:  # writers wrap I/O failures in their own types (safetensors, matplotlib)
+            if "error" not in str(err).lower() and not isinstance(err, RuntimeError):
+                raise
+            raise OSError(" ".join(str(err).split())) from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)

@@ -192,7 +192,6 @@ class Trainer:
         torch.manual_seed(train["seed"] + self.ctx.rank)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.out / "config.yaml")
         dist_utils.barrier(self.ctx)
 
         self.data = build_datasets(config, self.out, self.ctx)
@@ -438,7 +437,10 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
         cfg, train = self.config, self.config["train"]
-        if resume and self.resume() and self.ctx.is_main:
+        resumed = resume and self.resume()  # checked before config.yaml is replaced: a refused resume keeps it
+        if self.ctx.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        if resumed and self.ctx.is_main:
             print(f"resumed at epoch {self.state['epoch']}, batch {self.state['batch']}, step {self.state['step']}")
         elif self.ctx.is_main:
             self.log({"event": "start", "model": self.model_id, "init": self.init_note, "world_size": self.ctx.world_size,
