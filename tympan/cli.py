@@ -660,6 +660,106 @@ def _run_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- export, ORT
+def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="run the model in PyTorch (default) or its verified ONNX export in onnxruntime")
+    p.add_argument("--onnx", type=Path, metavar="FILE.onnx",
+                   help="with --backend onnx: a file from 'tympan export' (default: export the model once into "
+                   "the cache, verified against PyTorch)")
+
+
+def _onnx_runner(args: argparse.Namespace):
+    """The ORT runner of ``--backend onnx``: the given ``--onnx`` file, or the model exported into the cache."""
+    try:
+        from tympan.export import ExportError, OnnxModel, cached_export
+    except ImportError as err:
+        raise UserError(f"--backend onnx needs onnx, onnxscript and onnxruntime: pip install 'tympan[onnx]' ({err})")
+    if args.onnx is not None:
+        if not args.onnx.is_file():
+            raise UserError(f"{args.onnx}: no such ONNX file")
+        try:
+            return OnnxModel(args.onnx)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    try:
+        return OnnxModel(cached_export(_load_model(args)))
+    except ExportError as err:
+        raise UserError(str(err)) from None
+
+
+def _run_embed_onnx(args: argparse.Namespace) -> int:
+    from tympan.eval.embed import embed_datafile
+
+    if args.pooling != "scene":
+        raise UserError("--backend onnx gives the scene embedding only (--pooling scene)")
+    runner = _onnx_runner(args)
+    if runner.streaming:
+        raise UserError(f"{runner.model_id} exports its streaming step, which has no scene embedding; "
+                        "use --backend torch")
+    checkpoint = str(args.checkpoint) if args.checkpoint else None
+    result = embed_datafile(runner, args.datafile, args.output, pooling="scene", clip_seconds=args.clip_seconds,
+                            batch_size=args.batch_size, save_every=args.save_every, checkpoint=checkpoint,
+                            progress=not args.quiet)
+    print(f"{result.path}: {result.rows} clips x {result.dim} (scene, {runner.model_id}, onnx)"
+          + (f", {result.reused} reused from a previous run" if result.reused else ""))
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX and verify it in onnxruntime",
+        description="Export a model with the dynamo ONNX exporter (opset 18 by default): input 'waveform' float32 "
+        "[batch, samples] at 16 kHz (dynamic length), outputs 'probabilities' (models with a head) and 'embedding' "
+        "(scene embedding); one call is one model window. Streaming models (SAT) export their step "
+        "(chunk, state...) -> (probabilities, state...), the initial state written beside it as OUT.state.npz. "
+        "The file is then run in onnxruntime on two lengths the export did not see and compared with PyTorch; "
+        "the exit status is 1 when they do not match.",
+        epilog="examples:\n"
+        "  tympan export --model ast-base384 -o ast.onnx\n"
+        "  tympan export --model sat-tiny-2s -o sat.onnx          # step graph + sat.state.npz\n"
+        "  tympan export --model dass-small --no-frontend -o dass-features.onnx\n"
+        "  tympan tag clip.wav --model ast-base384 --backend onnx --onnx ast.onnx",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", metavar="ID", help="registered model id (default: the default model)")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="weights to load (official layout or tympan safetensors); default: the official weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry of the model (repeatable)")
+    p.add_argument("--random", action="store_true", help="keep the random initialisation instead of loading weights")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="ONNX file to write")
+    p.add_argument("--no-frontend", action="store_true",
+                   help="graph input is the frontend's output ('features') instead of the waveform")
+    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        from tympan.export import ExportError, default_model_id, export_onnx, verify_onnx
+    except ImportError as err:
+        raise UserError(f"export needs onnx, onnxscript and onnxruntime: pip install 'tympan[onnx]' ({err})")
+    args.model = args.model or default_model_id()
+    model = _load_model(args)
+    try:
+        report = export_onnx(model, args.output, frontend=not args.no_frontend, opset=args.opset)
+    except ExportError as err:
+        raise UserError(str(err)) from None
+    if not args.no_verify:
+        verify_onnx(model, report)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    for failure in report.failures:
+        print(f"mismatch: {failure}", file=sys.stderr)
+    return 1 if report.ok is False else 0
+
+
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "models": (_add_models, _run_models),
