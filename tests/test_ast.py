@@ -56,10 +56,10 @@ def test_forward_shapes(fshape, tshape, fstride, tstride, tdim, pooling):
     with torch.no_grad():
         tokens = model.forward_features(x)
         assert tokens.shape == (3, 2 + f_dim * t_dim, 32)
-        assert model.embed(x).shape == (3, 32)
+        assert model.pooled(x).shape == (3, 32)
         assert model(x).shape == (3, 7)
         expected = tokens[:, 2:].mean(1) if pooling == "avgtok" else (tokens[:, 0] + tokens[:, 1]) / 2
-        torch.testing.assert_close(model.embed(x), expected)
+        torch.testing.assert_close(model.pooled(x), expected)
 
 
 def test_batch_items_are_independent():

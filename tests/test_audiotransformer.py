@@ -50,7 +50,8 @@ def test_tiny_forward_shapes(model_id):
     if model_id.startswith("dasheng-") and not model.num_classes:
         assert out.shape == (2, 25, 32)  # ((16000 // 160 + 1) - 4) // 4 + 1 tokens at 40 ms
     else:
-        assert out.shape == (2, 527) and bool(((out > 0) & (out < 1)).all())
+        probs = model.probabilities(out)  # forward gives logits; the originals' sigmoid is the protocol's
+        assert out.shape == (2, 527) and bool(((probs > 0) & (probs < 1)).all())
     if model_id.startswith("sat-"):
         _, cache = model(wave, return_cache=True)
         assert model.cache_size == 4 * (model.cache_length // 16)
@@ -107,23 +108,24 @@ def test_audiotransformer_long_input_split_pad_average():
     spec = torch.randn(1, 64, 150)  # 64 + 64 + 22 (zero-padded)
     with torch.no_grad():
         pieces = [spec[..., :64], spec[..., 64:128], F.pad(spec[..., 128:], (0, 42))]
-        expected = torch.stack([model.forward_spectrogram(p) for p in pieces]).mean(0)
-        torch.testing.assert_close(model.forward_spectrogram(spec), expected, atol=1e-6, rtol=1e-5)
+        probs = lambda x: model.probabilities(model.forward_spectrogram(x))  # noqa: E731  (pieces average probabilities)
+        expected = torch.stack([probs(p) for p in pieces]).mean(0)
+        torch.testing.assert_close(probs(spec), expected, atol=1e-6, rtol=1e-5)
         # an exact multiple keeps its last piece (the original drops it: fixed on purpose)
         exact = spec[..., :128]
-        expected = (model.forward_spectrogram(exact[..., :64]) + model.forward_spectrogram(exact[..., 64:])) / 2
-        torch.testing.assert_close(model.forward_spectrogram(exact), expected, atol=1e-6, rtol=1e-5)
+        expected = (probs(exact[..., :64]) + probs(exact[..., 64:])) / 2
+        torch.testing.assert_close(probs(exact), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_sat_long_input_runs_pieces_sequentially():
     model = tiny("sat-tiny-2s")
     wave = torch.randn(1, 64000) * 0.1  # 401 frames -> 192 + 192 (+ 17 skipped)
     with torch.no_grad():
-        probs, cache = model(wave, return_cache=True)
+        logits, cache = model(wave, return_cache=True)
         spec = model.forward_to_spec(wave)
-        p1, c1 = model.step(spec[..., :192])
-        p2, c2 = model.step(spec[..., 192:384], c1)
-    torch.testing.assert_close(probs, (p1 + p2) / 2)
+        l1, c1 = model.step_spectrogram(spec[..., :192])
+        l2, c2 = model.step_spectrogram(spec[..., 192:384], c1)
+    torch.testing.assert_close(model.probabilities(logits), (model.probabilities(l1) + model.probabilities(l2)) / 2)
     torch.testing.assert_close(cache, c2)
 
 

@@ -12,30 +12,16 @@ from hypothesis import strategies as st
 
 import tympan
 from tympan.hear import HearModel, get_scene_embeddings, get_timestamp_embeddings, load_model, to_hear_grid
+from tympan.models.registry import create_test_model
 
 SR = 16000
-# per family: tiny widths, and short model windows so that 3 s / 11 s inputs exercise the windowing
-TINY = {
-    "ast": dict(embed_dim=16, depth=1, num_heads=1, input_tdim=256),
-    "ssast": dict(embed_dim=16, depth=1, num_heads=1, input_tdim=256),
-    "dass": dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
-    "dasheng": dict(embed_dim=16, depth=1, num_heads=1, target_length=256),
-    "sat": dict(embed_dim=16, depth=1, num_heads=1),
-    "ssam": dict(embed_dim=16, depth=1),
-    "mae": dict(embed_dim=16, depth=1, num_heads=1, decoder_dim=16, decoder_depth=1, decoder_heads=1),
-}
 DURATIONS = (0.5, 3.0, 11.0)
 
 
 def tiny(model_id: str, **extra) -> torch.nn.Module:
-    entry = tympan.get_model_entry(model_id)
-    overrides = dict(TINY[entry.family])
-    if model_id.startswith("audiotransformer"):
-        overrides["target_length"] = 256
-    if model_id.endswith("-pretrain"):
-        overrides["mask_patch"] = 8
+    """The registry's tiny test model (short windows, so that 3 s / 11 s inputs exercise the windowing)."""
     torch.manual_seed(0)
-    return tympan.create_model(model_id, **overrides, **extra).eval()
+    return create_test_model(model_id, **extra).eval()
 
 
 def check_timestamps(timestamps: torch.Tensor, n: int, duration_ms: float) -> None:
@@ -90,7 +76,7 @@ def test_dass_scene_is_its_pooled_embedding():
     audio = torch.randn(1, 3 * SR) * 0.1
     from tympan.features import ast_fbank
 
-    torch.testing.assert_close(HearModel(model).scene_embeddings(audio), model.embed(ast_fbank(audio)))
+    torch.testing.assert_close(HearModel(model).scene_embeddings(audio), model.pooled(ast_fbank(audio)))
 
 
 def test_ast_single_window_matches_the_model():
@@ -99,7 +85,7 @@ def test_ast_single_window_matches_the_model():
     audio = torch.randn(1, 2 * SR) * 0.1
     from tympan.features import ast_fbank
 
-    expected = model.embed(ast_fbank(audio, target_length=model.input_tdim))
+    expected = model.pooled(ast_fbank(audio, target_length=model.input_tdim))
     torch.testing.assert_close(HearModel(model).scene_embeddings(audio), expected, atol=1e-5, rtol=1e-5)
 
 

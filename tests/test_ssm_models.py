@@ -81,7 +81,7 @@ def test_dass_tags_real_audio_of_any_duration(data_dir, seconds):
     model = tympan.create_model("dass-small", **TINY_DASS).eval()
     fbank = get_frontend("ast-fbank")(esc10_clip(data_dir, seconds)[None])  # no target length: every frame
     with torch.no_grad():
-        logits, embedding = model(fbank), model.embed(fbank)
+        logits, embedding = model(fbank), model.pooled(fbank)
     assert fbank.shape == (1, 1 + (int(seconds * 16000) - 400) // 160, 128)
     assert logits.shape == (1, 5) and embedding.shape == (1, 32) and torch.isfinite(logits).all()
 

@@ -37,8 +37,8 @@ def test_sat_stream_is_inference_py_loop_with_fixed_tail(sat, clips):
     assert [(r.start, r.end, r.partial) for r in results] == [(0, 2, False), (2, 4, False), (4, clip.numel() / 16000, True)]
     cache, expected = sat.initial_cache(1), []
     for piece in clip[None].split(32000, dim=-1):
-        probs, cache = sat(piece, cache=cache, return_cache=True)
-        expected.append(probs)
+        logits, cache = sat(piece, cache=cache, return_cache=True)
+        expected.append(sat.probabilities(logits))
     torch.testing.assert_close(_outputs(results), torch.stack(expected), atol=1e-6, rtol=1e-5)
 
 
@@ -102,7 +102,7 @@ def test_independent_models_score_each_chunk(clips):
     torch.manual_seed(0)
     vit = create_model("audiotransformer-tiny", embed_dim=32, depth=1, num_heads=2).eval()
     results = Streamer(vit, 1.5).run(clip)
-    expected = torch.stack([vit(p) for p in clip[None].split(24000, dim=-1)])
+    expected = torch.stack([vit.probabilities(vit(p)) for p in clip[None].split(24000, dim=-1)])
     torch.testing.assert_close(_outputs(results), expected, atol=1e-6, rtol=1e-5)
     encoder = create_model("dasheng-base", embed_dim=32, depth=1, num_heads=2).eval()
     embeddings = Streamer(encoder, 1.0).run(clip)

@@ -60,13 +60,14 @@ def check_audiotransformer(fx: Fixture) -> None:
     atol, rtol = _tolerance(fx)
     for inp, out in (("input", "output"), ("long_input", "long_output")):
         if fx.has(inp, out):
-            fx.compare(out, model(fx[inp]), atol=atol, rtol=rtol)
+            fx.compare(out, model.probabilities(model(fx[inp])), atol=atol, rtol=rtol)  # sigmoid outputs (meta)
 
 
 @checks_for("sat-tiny-2s")
 @torch.no_grad()
 def check_sat_streaming(fx: Fixture) -> None:
-    """``inference.py``'s loop (silence cache, whole-second chunks, caches carried) and the Streamer."""
+    """``inference.py``'s loop (silence cache, whole-second chunks, caches carried) and the Streamer; the model returns
+    logits, the fixture the original's sigmoid probabilities (compared through ``model.probabilities``)."""
     model = _load(fx, "sat-tiny-2s")
     atol, rtol = _tolerance(fx)
     cache_atol = max(atol, 1e-4)  # meta: "caches atol 1e-4"
@@ -78,8 +79,8 @@ def check_sat_streaming(fx: Fixture) -> None:
         fx.compare("initial_cache", cache, atol=cache_atol, rtol=rtol)
     outputs = []
     for i, piece in enumerate(waveform.split(chunk, dim=-1)):
-        probs, cache = model(piece, cache=cache, return_cache=True)
-        outputs.append(probs)
+        logits, cache = model(piece, cache=cache, return_cache=True)
+        outputs.append(model.probabilities(logits))  # the fixture holds the original's sigmoid outputs
         if i == 0 and fx.has("cache_after_chunk0"):
             fx.compare("cache_after_chunk0", cache, atol=cache_atol, rtol=rtol)
     outputs = torch.stack(outputs)

@@ -11,10 +11,11 @@ model sees the same input:
 * ``white``: Gaussian noise, seeded; ``babble``: the DASS babble recording tiled. Both scaled to ``snr_db`` below
   the needle's RMS (``noise_rms = needle_rms / 10^(snr/20)``, as the original).
 
-Each model runs over the whole input its own way (:func:`model_runner`): whole-sequence models at once (DASS on the
-normalised fbank of the whole input, computed block by block; SSAM through its HEAR path); window models (AST,
-Dasheng, the SAT-repo ViTs) window by window through :class:`tympan.inference.Streamer` with the outputs averaged
-(``aggregate="mean"``) or max-pooled over windows; SAT streams with its memory. The haystack is generated block by
+Each model runs over the whole input the way its protocol says (:func:`model_runner`): models without a window
+(``window_samples is None``: DASS, SSAM) read the whole input at once through their frontend (an AST-style fbank of
+the whole input is computed block by block); window models (AST, Dasheng, the SAT-repo ViTs) run window by window
+through :class:`tympan.inference.Streamer` with the outputs averaged (``aggregate="mean"``) or max-pooled over
+windows; streaming models (SAT) stream with their state. The haystack is generated block by
 block (``block_seconds``), so window and streaming models hold one block; whole-sequence models hold the features
 of the whole input once (an hour at 100 frames/s x 128 bins is 184 MB) plus their activations.
 
@@ -45,6 +46,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from tympan.models.protocol import AudioModel, audio_model
 
 SAMPLE_RATE = 16000
 HAYSTACKS = ("zeros", "white", "babble")
@@ -133,10 +136,14 @@ def haystack_blocks(
 Runner = Callable[[Callable[[], Iterator[np.ndarray]], int], Tensor]  # (blocks factory, streams) -> [n, C]
 
 
-def _streamed_fbank(blocks: Iterator[np.ndarray], mean: np.ndarray, num_mel_bins: int) -> Tensor:
+def _streamed_fbank(blocks: Iterator[np.ndarray], mean: np.ndarray, num_mel_bins: int,
+                    stats: tuple[float, float] | None = None) -> Tensor:  # fmt: skip
     """AST/DASS normalised fbank ``[n, T, bins]`` of a long input given block by block, equal to ``ast_fbank`` on the
-    whole input (the whole input's mean removed, Kaldi frames cut exactly as ``snip_edges``)."""
+    whole input (the whole input's mean removed, Kaldi frames cut exactly as ``snip_edges``; ``stats`` = the
+    normalisation's (mean, std), AudioSet's by default)."""
     from tympan.features import AUDIOSET_STATS, kaldi_fbank
+
+    stats = stats or AUDIOSET_STATS
 
     window, shift = 400, 160
     pieces: list[Tensor] = []
@@ -146,7 +153,7 @@ def _streamed_fbank(blocks: Iterator[np.ndarray], mean: np.ndarray, num_mel_bins
         wave = torch.from_numpy(samples - mean)
         feats = kaldi_fbank(wave, SAMPLE_RATE, num_mel_bins=num_mel_bins, frame_shift=10.0, window_type="hanning",
                             htk_compat=True, use_energy=False, dither=0.0)  # fmt: skip
-        pieces.append((feats - AUDIOSET_STATS[0]) / (2.0 * AUDIOSET_STATS[1]))
+        pieces.append((feats - stats[0]) / (2.0 * stats[1]))
 
     for block in blocks:
         buffer = np.concatenate([buffer, block], axis=1)
@@ -164,63 +171,57 @@ def _streamed_fbank(blocks: Iterator[np.ndarray], mean: np.ndarray, num_mel_bins
     return torch.cat(pieces, dim=1)
 
 
-def _as_scores(output: Tensor, model: nn.Module) -> Tensor:
-    from tympan.inference.tagging import model_entry
-
-    entry = model_entry(model)
-    return torch.sigmoid(output) if entry is not None and entry.output == "logits" else output
+def _scores(model: AudioModel, features: Tensor) -> Tensor:
+    """Probabilities of a tagger, the scene embedding of an encoder."""
+    return model.probabilities(model(features)) if model.has_head else model.embed(features).scene
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+def _whole_features(model: AudioModel, make_blocks: Callable[[], Iterator[np.ndarray]], streams: int) -> Tensor:
+    """The frontend's features of the whole input ``[n, ...]``: an un-cropped AST-style fbank block by block (a first
+    pass takes the whole input's mean, which the recipe removes), any other frontend on the joined waveform."""
+    from tympan.features import ASTFbank
+
+    frontend = model.frontend
+    if isinstance(frontend, ASTFbank) and frontend.target_length is None and frontend.normalize:
+        total = np.zeros((streams, 1), np.float64)
+        count = 0
+        for block in make_blocks():
+            total += block.sum(axis=1, keepdims=True, dtype=np.float64)
+            count += block.shape[1]
+        mean = (total / count).astype(np.float32)
+        return _streamed_fbank(make_blocks(), mean, frontend.num_mel_bins, (frontend.mean, frontend.std))
+    audio = torch.from_numpy(np.concatenate(list(make_blocks()), axis=1))
+    return torch.cat([frontend(row[None].to(model.device())).cpu() for row in audio])
 
 
 def model_runner(model: nn.Module, aggregate: str = "mean") -> tuple[str, Runner]:
     """How ``model`` reads a long input, and a function ``(blocks factory, streams) -> outputs [n, C]``.
 
-    Outputs are probabilities for taggers, embeddings for encoders. Returns ``(mode, runner)`` with mode ``"whole"``
-    (DASS, SSAM), ``"stream"`` (SAT, with memory) or ``"windows"`` (AST, Dasheng, ViTs).
+    Outputs are probabilities for taggers, scene embeddings for encoders. Returns ``(mode, runner)`` with mode
+    ``"whole"`` (no window: DASS, SSAM), ``"stream"`` (streaming models: SAT) or ``"windows"`` (AST, Dasheng, ViTs).
     """
     from tympan.inference.streaming import Streamer
     from tympan.inference.tagging import window_seconds
-    from tympan.models.dass import DASS
-    from tympan.models.sat import SAT
-    from tympan.models.ssam import SSAM
 
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
-    device = _device(model)
+    model = audio_model(model)
 
-    if isinstance(model, DASS):
-        def run_dass(make_blocks: Callable[[], Iterator[np.ndarray]], streams: int) -> Tensor:
-            total = np.zeros((streams, 1), np.float64)
-            count = 0
-            for block in make_blocks():  # first pass: the whole input's mean, as ast_fbank removes it
-                total += block.sum(axis=1, keepdims=True, dtype=np.float64)
-                count += block.shape[1]
-            fbank = _streamed_fbank(make_blocks(), (total / count).astype(np.float32), model.num_mel_bins)
-            outputs = [_as_scores(model(row[None].to(device)), model).cpu() for row in fbank]  # one input at a time
-            return torch.cat(outputs)
+    if model.window_samples is None and not model.streaming:
+        def run_whole(make_blocks: Callable[[], Iterator[np.ndarray]], streams: int) -> Tensor:
+            features = _whole_features(model, make_blocks, streams)
+            return torch.cat([_scores(model, row[None].to(model.device())).cpu() for row in features])  # one at a time
 
-        return "whole", run_dass
+        return "whole", run_whole
 
-    if isinstance(model, SSAM):
-        def run_ssam(make_blocks: Callable[[], Iterator[np.ndarray]], streams: int) -> Tensor:
-            audio = torch.from_numpy(np.concatenate(list(make_blocks()), axis=1))
-            return torch.cat([model.scene_embeddings(row[None].to(device)).cpu() for row in audio])
-
-        return "whole", run_ssam
-
-    is_sat = isinstance(model, SAT)
-    chunk_seconds = None if is_sat else window_seconds(model)
+    chunk_seconds = None if model.streaming else window_seconds(model)
 
     def run_windows(make_blocks: Callable[[], Iterator[np.ndarray]], streams: int) -> Tensor:
         streamer = Streamer(model, chunk_seconds, streams=streams)
         outputs = torch.stack([result.output for result in streamer.run_blocks(make_blocks())])
         return outputs.mean(0) if aggregate == "mean" else outputs.amax(0)
 
-    return ("stream" if is_sat else "windows"), run_windows
+    return ("stream" if model.streaming else "windows"), run_windows
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -293,9 +294,7 @@ def run_niah(
     ``targets [n, C]`` are the needles' binary labels; ``None`` means the model's own ``top_k`` classes on the bare
     needles for taggers (no label scores for encoders).
     """
-    from tympan.inference.tagging import model_entry
-
-    model = model.eval()
+    model = audio_model(model).eval()
     given = targets is not None
     mode, runner = model_runner(model, aggregate)
     needles = np.ascontiguousarray(needles, dtype=np.float32)
@@ -312,9 +311,7 @@ def run_niah(
             return torch.cat([rows(slice(i, i + 1)) for i in range(n)]) if whole else rows(slice(None))
 
     references = outputs_for(needle_samples, 0.0)
-    entry = model_entry(model)
-    is_tagger = entry is None or entry.output != "embeddings"
-    if targets is None and is_tagger and not (entry is not None and entry.family == "ssam"):
+    if targets is None and model.has_head:
         targets = _self_targets(references, top_k)
     points: list[NiahPoint] = []
     for duration in durations:

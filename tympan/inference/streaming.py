@@ -4,10 +4,12 @@
 ``inference.py`` (each chunk's spectrogram is computed on that chunk alone, its dB floor per stream), and runs the
 model on each chunk as soon as it is complete:
 
-* SAT models carry their memory from chunk to chunk (starting from the original's "silence" memory), so a 2 s SAT
-  stream reproduces ``inference.py``'s per-chunk probabilities;
-* every other model (the SAT repo's ViTs, Dasheng with or without a head, AST through its registered frontend) sees
-  each chunk independently. An encoder without a head yields its mean token per chunk.
+* streaming models (``model.streaming``: SAT) carry their state from chunk to chunk through the protocol's
+  ``init_state`` / ``step`` (SAT starts from the original's "silence" memory), so a 2 s SAT stream reproduces
+  ``inference.py``'s per-chunk probabilities;
+* every other model (the SAT repo's ViTs, Dasheng, AST, DASS, SSAM, ...) sees each chunk independently, through its
+  frontend, one stream at a time (so streams never share a batch statistic such as Dasheng's dB floor). A tagger
+  yields probabilities (``model.predict``), an encoder its scene embedding per chunk.
 
 Two bugs of the original streaming loop are not copied:
 
@@ -33,9 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tympan.models.audiotransformer import SpectrogramTransformer
-from tympan.models.sat import SAT
-from tympan.inference.tagging import input_frontend, model_entry
+from tympan.models.protocol import State, audio_model
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
@@ -48,7 +48,7 @@ class ChunkResult:
     index: int
     start: float  # seconds from the start of the stream (or since the last reset)
     end: float  # seconds; the true end for a partial final chunk
-    output: Tensor  # [streams, classes] probabilities (or [streams, D] mean token of an encoder)
+    output: Tensor  # [streams, classes] probabilities (or [streams, D] scene embedding of an encoder)
     partial: bool = False
 
 
@@ -56,11 +56,12 @@ class Streamer:
     """Feed audio in pieces of any size, receive per-chunk results.
 
     Args:
-        model: a tympan model in eval mode (SAT streams with memory; anything else runs per chunk).
-        chunk_seconds: chunk length; default 2.0 s (``inference.py``), or the SAT model's chunk rounded up to whole
-            seconds. A SAT chunk must cover the model's ``target_length`` frames.
+        model: a tympan model in eval mode (streaming models carry their state; anything else runs per chunk).
+        chunk_seconds: chunk length; default 2.0 s (``inference.py``), or a streaming model's ``chunk_samples``
+            rounded up to whole seconds. A streaming model's chunk must cover its ``chunk_samples``.
         streams: number of parallel streams pushed as ``[streams, n]``.
-        silence_memory: start SAT from the original's silence memory (``True``, as ``inference.py``) or empty.
+        silence_memory: start from the model's warm initial state (SAT: the original's silence memory, as
+            ``inference.py``) or from an empty one.
         min_tail_seconds: a final partial chunk shorter than this (or than one patch) is dropped by :meth:`flush`.
     """
 
@@ -73,40 +74,43 @@ class Streamer:
         silence_memory: bool = True,
         min_tail_seconds: float = 0.0,
     ):
-        self.model = model
-        self.streaming = isinstance(model, SAT)
+        self.model = model = audio_model(model)
+        self.streaming = model.streaming
         if chunk_seconds is None:
-            chunk_seconds = math.ceil(model.target_length / 100) if self.streaming else 2.0
+            chunk_seconds = math.ceil(model.chunk_samples / SAMPLE_RATE) if self.streaming else 2.0
         self.chunk_samples = int(chunk_seconds * SAMPLE_RATE)
         if self.chunk_samples <= 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
-        if self.streaming and self.chunk_samples // HOP_LENGTH + 1 < model.target_length:
+        if self.streaming and self.chunk_samples // HOP_LENGTH + 1 < model.chunk_samples // HOP_LENGTH:
             raise ValueError(
-                f"chunk_seconds {chunk_seconds} is shorter than the model's {model.target_length / 100:.2f} s chunk"
+                f"chunk_seconds {chunk_seconds} is shorter than the model's {model.chunk_samples / SAMPLE_RATE:.2f} s chunk"
             )
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         self.streams = streams
         self.silence_memory = silence_memory
-        min_frames = model.min_frames if isinstance(model, SpectrogramTransformer) else 1
-        self.min_tail_samples = max(int(min_tail_seconds * SAMPLE_RATE), (min_frames - 1) * HOP_LENGTH)
-        self._frontend = input_frontend(model)
-        self._sigmoid = getattr(model_entry(model), "output", None) == "logits"
-        self._silence: Tensor | None = None
+        self.min_tail_samples = max(int(min_tail_seconds * SAMPLE_RATE), model.min_samples - 1)
+        self._initial_state: State | None = None
         self.reset()
 
     # ----------------------------------------------------------------------------------------- state
     def reset(self) -> None:
-        """Start a new stream (file): empty buffer, chunk counter 0, SAT memory back to silence."""
+        """Start a new stream (file): empty buffer, chunk counter 0, a streaming model's state back to its start."""
         self._pending: list[Tensor] = []
         self._pending_samples = 0
         self._index = 0
         self._offset = 0
-        self.memory: Tensor | None = None
-        if self.streaming and self.silence_memory:
-            if self._silence is None:
-                self._silence = self.model.initial_cache(1)
-            self.memory = self._silence.expand(-1, self.streams, -1, -1)
+        self.state: State = ()
+        if self.streaming:
+            if self._initial_state is None:  # computed once: SAT's silence memory costs a forward pass
+                with torch.no_grad():
+                    self._initial_state = self.model.init_state(self.streams, warm=self.silence_memory)
+            self.state = self._initial_state
+
+    @property
+    def memory(self) -> Tensor | None:
+        """The first tensor of a streaming model's state (SAT: its memory), ``None`` for window models."""
+        return self.state[0] if self.state else None
 
     # ----------------------------------------------------------------------------------------- input
     def push(self, audio: Tensor | np.ndarray) -> list[ChunkResult]:
@@ -127,7 +131,7 @@ class Streamer:
         return results
 
     def flush(self) -> list[ChunkResult]:
-        """Score the pending partial chunk (if long enough) without updating the SAT memory."""
+        """Score the pending partial chunk (if long enough) without updating a streaming model's state."""
         if self._pending_samples == 0:
             return []
         chunk = self._take_pending()
@@ -172,25 +176,19 @@ class Streamer:
         return result
 
     def _device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return self.model.device()
 
     def _forward(self, chunk: Tensor, partial: bool) -> Tensor:
         model = self.model
-        if isinstance(model, SpectrogramTransformer):
-            # one frontend call per stream: the dB floor of the original's batch-1 calls, streams independent
-            mel = torch.cat([model.front_end(row[None]) for row in chunk])
-            spec = model.normalize(mel)
-            if self.streaming:
-                output, memory = model.forward_spectrogram(spec, self.memory)
-                if not partial:
-                    self.memory = memory
-            else:
-                output = model.forward_spectrogram(spec)
-        else:
-            output = model(self._frontend(chunk) if self._frontend is not None else chunk)
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if self._sigmoid:
-            output = torch.sigmoid(output)
-        return output.mean(dim=1) if output.ndim == 3 else output  # encoders: mean token per chunk
+        if self.streaming:
+            logits, state = model.step(chunk, self.state)
+            if not partial:
+                self.state = state
+            return model.probabilities(logits)
+        return torch.cat([self._score(row[None]) for row in chunk])  # streams independent
+
+    def _score(self, waveform: Tensor) -> Tensor:
+        """One stream's chunk: probabilities of a tagger, the scene embedding of an encoder."""
+        if self.model.has_head:
+            return self.model.predict(waveform)
+        return self.model.embed_waveform(waveform).scene

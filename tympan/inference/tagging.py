@@ -1,8 +1,8 @@
 """Waveform in, class probabilities out, for any registered tagger; and whole-file tagging on top of the streamer.
 
-Models differ in what they take (the waveform, or a frontend's features) and what they return (logits, or
-probabilities with the sigmoid inside, or embeddings): the registry records both (``ModelEntry.input_kind`` and
-``ModelEntry.output``), and :class:`Tagger` bridges them so callers always see 16 kHz waveform -> probabilities.
+Everything goes through the model protocol (:class:`tympan.models.AudioModel`): ``model.frontend`` turns the
+waveform into the model's input, ``model(features)`` gives logits and ``model.probabilities`` applies the head's
+activation, so callers always see 16 kHz waveform -> probabilities whatever the family.
 """
 
 from __future__ import annotations
@@ -13,43 +13,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tympan.labels import LabelSet, get_label_set
-from tympan.models.registry import ModelEntry, get_model_entry
+from tympan.labels import LabelSet
+from tympan.models.protocol import audio_model
 
 SAMPLE_RATE = 16000
-HOP_SECONDS = 0.01
-
-
-def model_entry(model: nn.Module) -> ModelEntry | None:
-    """The registry entry a model was built from (``None`` for a model built outside the registry)."""
-    model_id = getattr(model, "tympan_id", None)
-    return get_model_entry(model_id) if model_id is not None else None
-
-
-def input_frontend(model: nn.Module) -> nn.Module | None:
-    """The frontend that turns a waveform batch into ``model``'s input, or ``None`` if it takes the waveform.
-
-    Fixed-length models (AST/SSAST: a learned positional embedding per patch) get their features padded or cropped to
-    the model's ``input_tdim``; length-free models (DASS) get the clip's own length.
-    """
-    entry = model_entry(model)
-    if entry is None or entry.input_kind == "waveform":
-        return None
-    from tympan.features import get_frontend
-
-    kwargs = {}
-    if entry.input_kind == "ast-fbank":
-        kwargs["target_length"] = getattr(model, "input_tdim", None)
-    return get_frontend(entry.input_kind, **kwargs)
+DEFAULT_WINDOW_SECONDS = 10.0  # the chunk for models that read any length in one pass (DASS, SSAM)
 
 
 def window_seconds(model: nn.Module) -> float:
     """The audio span a model was trained to see at once (its natural chunk for long inputs)."""
-    for attr in ("input_tdim", "target_length"):
-        frames = getattr(model, attr, None)
-        if isinstance(frames, int) and frames > 0:
-            return round(frames * HOP_SECONDS, 2)
-    return 10.0
+    seconds = audio_model(model).window_seconds
+    return DEFAULT_WINDOW_SECONDS if seconds is None else seconds
 
 
 class Tagger(nn.Module):
@@ -57,32 +31,20 @@ class Tagger(nn.Module):
 
     def __init__(self, model: nn.Module, labels: LabelSet | None = None):
         super().__init__()
-        entry = model_entry(model)
-        if entry is not None and entry.output == "embeddings":
-            raise ValueError(f"{entry.name} is an encoder without a classification head: it has no tags to give")
+        model = audio_model(model)
+        if not model.has_head:
+            name = getattr(model, "tympan_id", type(model).__name__)
+            raise ValueError(f"{name} is an encoder without a classification head: it has no tags to give")
         self.model = model
-        self.frontend = input_frontend(model)
-        self.apply_sigmoid = entry is None or entry.output == "logits"
         self.window_seconds = window_seconds(model)
         self._labels = labels
-        self._label_name = entry.labels if entry is not None else None
 
     @property
     def labels(self) -> LabelSet:
-        if self._labels is None:
-            config = getattr(self.model, "tympan_config", {})
-            num_classes = config.get("num_classes", getattr(self.model, "num_classes", None))
-            if num_classes is None:
-                raise ValueError("the model does not say how many classes it has; pass labels=")
-            self._labels = get_label_set(self._label_name, num_classes)
-        return self._labels
+        return self._labels if self._labels is not None else self.model.labels
 
     def forward(self, waveform: Tensor) -> Tensor:
-        x = self.frontend(waveform) if self.frontend is not None else waveform
-        out = self.model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return torch.sigmoid(out) if self.apply_sigmoid else out
+        return self.model.predict(waveform)
 
 
 @dataclass
@@ -112,7 +74,7 @@ def tag_file(
     block_seconds: float = 60.0,
     progress: bool = False,
 ) -> FileTags:
-    """Tag a file of any length chunk by chunk at bounded memory (SAT models carry their memory across chunks).
+    """Tag a file of any length chunk by chunk at bounded memory (streaming models carry their state across chunks).
 
     ``chunk_seconds`` defaults to the model's own window (10.24 s for AST, 2 s for SAT-2s, ...); a file shorter than
     one chunk is tagged as one partial chunk.
@@ -137,6 +99,5 @@ def tag_file(
 
 
 def _default_chunk(model: nn.Module) -> float | None:
-    from tympan.models.sat import SAT
-
-    return None if isinstance(model, SAT) else window_seconds(model)
+    """Streaming models pick their own chunk (the Streamer's default); window models their window."""
+    return None if audio_model(model).streaming else window_seconds(model)

@@ -13,6 +13,10 @@ Official checkpoints (DataParallel ``module.v.*`` / ``module.mlp_head.*``, SSAST
 ``cpredlayer``/``gpredlayer``/``mask_embed``/``p_input_*``, DeiT ImageNet files) are converted by
 :func:`convert_checkpoint`, which adapts the positional embedding to the built model exactly as the
 original code does (see :func:`tympan.models.patching.adapt_grid`).
+
+Protocol: ``frontend`` is the ``ast-fbank`` recipe padded/cropped to ``input_tdim`` frames (the original loader's
+input), ``forward`` returns logits. ``embed`` reads features of any length in ``input_tdim``-frame windows stepped by
+whole time columns; :meth:`ASTModel.embed_waveform` feeds it the whole clip's fbank (the frontend would crop it).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from tympan.models.layers import Block, stochastic_depth_rates
+from tympan.models.protocol import AudioModel, Embeddings, in_groups, weighted_mean
 from tympan.models.patching import PatchEmbed, adapt_grid, join_pos_embed, patch_grid, split_pos_embed
 from tympan.models.registry import ModelEntry, StateDict, Weights, register_model
 
 NUM_PREFIX_TOKENS = 2  # cls + dist
 POOLINGS = ("cls", "avgtok")
-AUDIOSET_MEL_BINS = 128  # every released AST/SSAST checkpoint was trained on 128 mel bins
+AUDIOSET_MEL_BINS = 128
+HOP_SAMPLES = 160  # 10 ms fbank frames
+KALDI_FIRST_CENTRE_SECONDS = 0.0125  # snip_edges Kaldi frames: 25 ms windows every 10 ms  # every released AST/SSAST checkpoint was trained on 128 mel bins
 SSAST_TIME_RESIZE_ROWS = 8  # SSAST resizes the time axis to 8 rows whatever the pretraining grid (reference quirk)
 
 # model size -> (embed_dim, num_heads); all depth 12, MLP ratio 4
@@ -49,7 +56,7 @@ class ClassifierHead(nn.Module):
         return self.fc(self.norm(x))
 
 
-class ASTModel(nn.Module):
+class ASTModel(AudioModel):
     """Audio Spectrogram Transformer; input a normalised log-mel ``[B, T, F]`` (see ``tympan.features.ast_fbank``).
 
     ``input_tdim`` fixes the number of time patches (the positional embedding is learned per patch);
@@ -80,7 +87,16 @@ class ASTModel(nn.Module):
         self.pooling = pooling
         self.grid = patch_grid(input_fdim, input_tdim, (fshape, tshape), (fstride, tstride))
         self.num_patches = self.grid[0] * self.grid[1]
-        self.embed_dim = embed_dim
+        self.embed_dim = self.embedding_size = self.frame_embedding_size = embed_dim
+        self.num_classes = max(num_classes, 0)
+        self.classifier = "head" if num_classes > 0 else None
+        self.block_types = (Block,)
+        self.frame_hop_seconds = tstride * HOP_SAMPLES / self.sample_rate
+        self.window_samples = input_tdim * HOP_SAMPLES
+        self.min_samples = 400  # one 25 ms Kaldi frame
+        from tympan.features import get_frontend  # imported here: features may import models' helpers
+
+        self.frontend = get_frontend("ast-fbank", target_length=input_tdim, num_mel_bins=input_fdim)
 
         self.patch_embed = PatchEmbed(embed_dim, (fshape, tshape), (fstride, tstride))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -135,13 +151,50 @@ class ASTModel(nn.Module):
             return tokens[:, NUM_PREFIX_TOKENS:].mean(dim=1)
         return (tokens[:, 0] + tokens[:, 1]) / 2
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Pooled clip embedding ``[B, D]`` (the input of the classifier head)."""
+    def pooled(self, x: Tensor) -> Tensor:
+        """Pooled clip embedding ``[B, D]`` of one window (the input of the classifier head)."""
         return self.pool(self.forward_features(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes]`` (no sigmoid: the originals train with BCEWithLogits)."""
-        return self.head(self.embed(x))
+        return self.head(self.pooled(x))
+
+    def embed(self, x: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """Features ``[B, T, F]`` of any length in ``input_tdim``-frame windows stepped by whole time columns (the last
+        padded as the original loader pads); frames = patch columns averaged over frequency, scene = the pooled vectors
+        averaged over windows weighted by their real frames."""
+        n, frames, bins = x.shape
+        window, (f_dim, t_dim) = self.input_tdim, self.grid
+        tshape, tstride = self.patch_embed.patch[1], self.patch_embed.stride[1]
+        step = t_dim * tstride
+        windows = 1 if frames <= window else -(-(frames - window) // step) + 1
+        x = nn.functional.pad(x, (0, 0, 0, (windows - 1) * step + window - frames), value=self.padding_value())
+        stacked = x.unfold(1, window, step).permute(0, 1, 3, 2).reshape(n * windows, window, bins)
+
+        def run(part: Tensor) -> tuple[Tensor, Tensor]:
+            tokens = self.forward_features(part)
+            columns = tokens[:, NUM_PREFIX_TOKENS:].reshape(part.shape[0], f_dim, t_dim, -1).mean(1)
+            return columns, self.pool(tokens)
+
+        columns, pooled = map(torch.cat, zip(*in_groups(run, stacked, windows_per_batch)))
+        real = frames - step * torch.arange(windows, device=x.device)
+        first = KALDI_FIRST_CENTRE_SECONDS + (tshape - 1) * HOP_SAMPLES / 2 / self.sample_rate
+        scene = weighted_mean(pooled.reshape(n, windows, -1), real.clamp(max=window))
+        return Embeddings(scene, columns.reshape(n, windows * t_dim, -1), self.frame_hop_seconds, first)
+
+    def embed_waveform(self, waveform: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """The whole clip's features (the frontend's recipe without its crop to one window), then :meth:`embed`."""
+        from tympan.features import ast_fbank
+
+        fe = self.frontend
+        features = ast_fbank(waveform, fe.sample_rate, None, fe.mean, fe.std, fe.normalize, fe.num_mel_bins,
+                             fe.frame_shift)  # fmt: skip
+        return self.embed(features, windows_per_batch)
+
+    def padding_value(self) -> float:
+        """A zero-padded fbank frame after the frontend's normalisation (what the original loader pads with)."""
+        fe = self.frontend
+        return -fe.mean / (2 * fe.std) if fe.normalize else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,6 +329,9 @@ SSAST_PATCHES = {"patch": {"fshape": 16, "tshape": 16}, "frame": {"fshape": 128,
 SSAST_FINETUNE_STRIDES = {"patch": {"fstride": 10, "tstride": 10}, "frame": {"fstride": 128, "tstride": 1}}
 
 
+TINY_CONFIG = dict(embed_dim=16, depth=1, num_heads=1, input_tdim=256)  # 16-wide, one block, 2.56 s windows
+
+
 def _register_ast() -> None:
     for size, (dim, heads) in AST_SIZES.items():
         if size == "base384":
@@ -304,7 +360,11 @@ def _register_ast() -> None:
                 convert_checkpoint=convert_checkpoint,
                 description=description,
                 input_kind="ast-fbank",
+                input_shape=(1, 1024, 128),
                 labels="audioset" if size == "base384" else None,
+                classifier="head",
+                block_types=(Block,),
+                test_config=TINY_CONFIG,
             )
         )
 
@@ -329,6 +389,10 @@ def _register_ssast_finetune() -> None:
                     convert_checkpoint=convert_checkpoint,
                     description=f"SSAST {size} {kind}-based model for fine-tuning (ft_avgtok pooling, new head)",
                     input_kind="ast-fbank",
+                    input_shape=(1, 1024, 128),
+                    classifier="head",
+                    block_types=(Block,),
+                    test_config=TINY_CONFIG,
                 )
             )
 

@@ -9,7 +9,13 @@ All three originals (``dasheng`` package; ``RicherMans/SAT`` ``models/audiotrans
   flattened ``b d f t -> b (f t) d`` (frequency-major token order);
 * pre-norm :class:`~tympan.models.layers.Block` layers (LayerNorm eps 1e-6) and a final norm;
 * optionally a classifier ``outputlayer = LayerNorm(D) (eps 1e-5, torch default) + Linear`` on the mean token or a
-  ``cls`` token, followed by a sigmoid (AudioSet multi-label probabilities).
+  ``cls`` token. The originals apply a sigmoid after it; here ``forward`` returns the logits and the sigmoid is the
+  protocol's :meth:`~tympan.models.protocol.AudioModel.probabilities` (``activation = "sigmoid"``).
+
+Protocol (:class:`~tympan.models.protocol.AudioModel`): these models read the 16 kHz waveform (``frontend`` is the
+identity; the log-mel ``front_end`` is part of the model, as in the originals, because its dB floor is taken over the
+batch). Frame embeddings are the tokens averaged over frequency, one per time patch; the scene embedding is the pooled
+vector the head reads.
 
 :class:`SpectrogramTransformer` holds that shared core. :class:`AudioTransformer` (the non-streaming ViT-T/S/B
 baselines) adds the long-input split/pad/average path; Dasheng (``tympan.models.dasheng``) and SAT
@@ -26,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tympan.models.layers import Block, stochastic_depth_rates
+from tympan.models.protocol import AudioModel, Embeddings, in_groups, weighted_mean
 from tympan.models.registry import StateDict
 
 N_MELS = 64
+HOP_LENGTH = 160  # 10 ms frames at 16 kHz
 HEAD_NORM_EPS = 1e-5  # the heads use torch's default LayerNorm, unlike the blocks (1e-6)
 
 
@@ -48,7 +56,18 @@ class PatchEmbed(nn.Module):
         return self.proj(spec.unsqueeze(1))
 
 
-class SpectrogramTransformer(nn.Module):
+def combine_piece_logits(logits: Tensor, how: str) -> Tensor:
+    """Per-piece logits ``[P, B, C]`` -> one row of logits per item whose sigmoid is the originals' combination of the
+    pieces' probabilities: ``mean`` (``logit(mean sigmoid)``, in float64), ``max`` or ``last`` (both commute with the
+    sigmoid)."""
+    if how == "max":
+        return logits.amax(0)
+    if how == "last":
+        return logits[-1]
+    return torch.logit(torch.sigmoid(logits.double()).mean(0)).to(logits.dtype)
+
+
+class SpectrogramTransformer(AudioModel):
     """Shared core: frontend, mel BatchNorm, patch embedding, separable positions, blocks, optional head.
 
     Args:
@@ -90,10 +109,14 @@ class SpectrogramTransformer(nn.Module):
             raise ValueError(f"n_mels {n_mels} is not a multiple of the patch height {patch_size[0]}")
         from tympan.features import get_frontend  # imported here: features may import models' helpers
 
-        self.embed_dim = embed_dim
+        self.embed_dim = self.embedding_size = self.frame_embedding_size = embed_dim
         self.patch_size = patch_size
         self.pooling = pooling
         self.num_classes = num_classes
+        self.classifier = "outputlayer" if num_classes else None
+        self.block_types = (Block,)
+        self.frame_hop_seconds = patch_size[1] * HOP_LENGTH / self.sample_rate
+        self.min_samples = max(1, (patch_size[1] - 1) * HOP_LENGTH)
         self.front_end = get_frontend(frontend)
         self.init_bn = nn.BatchNorm1d(n_mels, momentum=0.01)
         self.patch_embed = PatchEmbed(embed_dim, patch_size)
@@ -184,16 +207,53 @@ class SpectrogramTransformer(nn.Module):
         return tokens[:, 0] if self.pooling == "token" else tokens.mean(dim=1)
 
     def classify(self, tokens: Tensor) -> Tensor:
-        """Pooled tokens -> head -> sigmoid probabilities ``[B, num_classes]``."""
+        """Pooled tokens -> head -> logits ``[B, num_classes]`` (the originals' sigmoid is :meth:`probabilities`)."""
         if not self.num_classes:
             raise ValueError("this model has no classifier head (num_classes=0)")
-        return torch.sigmoid(self.outputlayer(self.pool(tokens)))
+        return self.outputlayer(self.pool(tokens))
+
+    # ------------------------------------------------------------------------------------------ embeddings
+    def per_clip_spec(self, waveform: Tensor) -> Tensor:
+        """Normalised log-mel with each clip's own dB floor, so clips stay independent (``[B, 1, N]`` through the
+        frontend: its floor is taken per item, bit-identical to one call per clip, and no loop over the batch)."""
+        return self.normalize(self.front_end(waveform[:, None]).squeeze(1))
+
+    def time_columns(self, tokens: Tensor) -> Tensor:
+        """Tokens ``[B, (cls) + F * t, D]`` (frequency-major) -> per time column mean over frequency ``[B, t, D]``."""
+        if self.pooling == "token":
+            tokens = tokens[:, 1:]
+        return tokens.reshape(tokens.shape[0], self.freq_patches, -1, tokens.shape[-1]).mean(1)
+
+    @property
+    def first_frame_seconds(self) -> float:
+        """Centre of the first time patch: the middle of its ``patch`` centred STFT frames."""
+        return (self.patch_size[1] - 1) * HOP_LENGTH / 2 / self.sample_rate
+
+    def embed(self, waveform: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """Whole-clip spectrogram cut into ``time_patches * patch``-frame windows (the last zero-padded); frames are
+        time columns, the scene the pooled vectors averaged over windows weighted by their real frames."""
+        spec = self.per_clip_spec(waveform)
+        n, bins, frames = spec.shape
+        window = self.time_patches * self.patch_size[1]
+        windows = max(1, -(-frames // window))
+        spec = F.pad(spec, (0, windows * window - frames))
+        stacked = spec.unflatten(-1, (windows, window)).transpose(1, 2).reshape(n * windows, bins, window)
+
+        def run(part: Tensor) -> tuple[Tensor, Tensor]:
+            tokens = self.encode(self.add_positions(self.patchify(part)))
+            return self.time_columns(tokens), self.pool(tokens)
+
+        columns, pooled = map(torch.cat, zip(*in_groups(run, stacked, windows_per_batch)))
+        real = (frames - window * torch.arange(windows, device=waveform.device)).clamp(max=window)
+        scene = weighted_mean(pooled.reshape(n, windows, -1), real)
+        frames_out = columns.reshape(n, windows * self.time_patches, -1)
+        return Embeddings(scene, frames_out, self.frame_hop_seconds, self.first_frame_seconds)
 
 
 class AudioTransformer(SpectrogramTransformer):
     """SAT repository's non-streaming ViT-T/S/B AudioSet taggers (``models.audiotransformer.AudioTransformer``).
 
-    ``forward(waveform [B, N]) -> probabilities [B, num_classes]``. A spectrogram of up to
+    ``forward(waveform [B, N]) -> logits [B, num_classes]``. A spectrogram of up to
     ``target_length + 15`` frames (16x16 patches, at most ``target_length // 16`` time patches) is one pass. A longer
     one is cut into ``target_length``-frame pieces after the BatchNorm, the last short piece zero-padded (zeros in the
     normalised domain, ``pad_last``), the pieces run as one batch and their probabilities averaged (``eval_avg``).
@@ -210,6 +270,7 @@ class AudioTransformer(SpectrogramTransformer):
         super().__init__(patch_size=patch_size, time_patches=time_patches, **kwargs)
         self.target_length = target_length
         self.eval_avg = eval_avg
+        self.window_samples = target_length * HOP_LENGTH
 
     @property
     def max_single_pass_frames(self) -> int:
@@ -217,15 +278,15 @@ class AudioTransformer(SpectrogramTransformer):
         return self.target_length + self.patch_size[1] - 1
 
     def forward_spectrogram(self, spec: Tensor) -> Tensor:
-        """Normalised spectrogram ``[B, n_mels, T]`` -> probabilities ``[B, num_classes]``."""
+        """Normalised spectrogram ``[B, n_mels, T]`` -> logits ``[B, num_classes]`` (pieces: :func:`combine_piece_logits`)."""
         batch, frames = spec.shape[0], spec.shape[-1]
         if frames <= self.max_single_pass_frames:
             return self.classify(self.encode(self.add_positions(self.patchify(spec))))
         pieces = -(-frames // self.target_length)
         spec = F.pad(spec, (0, pieces * self.target_length - frames))  # zero-pad the last piece
         spec = spec.unflatten(-1, (pieces, self.target_length)).permute(2, 0, 1, 3).flatten(0, 1)
-        probs = self.classify(self.encode(self.add_positions(self.patchify(spec)))).unflatten(0, (pieces, batch))
-        return probs.mean(0) if self.eval_avg == "mean" else probs.amax(0)
+        logits = self.classify(self.encode(self.add_positions(self.patchify(spec)))).unflatten(0, (pieces, batch))
+        return combine_piece_logits(logits, self.eval_avg)
 
     def forward(self, waveform: Tensor) -> Tensor:
         return self.forward_spectrogram(self.forward_to_spec(waveform))

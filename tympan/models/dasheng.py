@@ -10,6 +10,10 @@ A port of ``dasheng.pretrained.pretrained.Dasheng`` (PyPI ``dasheng`` 0.0.8/0.0.
   :func:`~tympan.models.layers.key_padding_bias` (a piece whose keys are all masked gets a uniform softmax, as the
   original's ``masked_fill`` + ``nan_to_num``); padded queries still produce outputs;
 * the dB floor (``top_db=120``) is taken over the whole batch, as torchaudio's ``AmplitudeToDB`` does there.
+
+Protocol: ``forward`` returns the tokens (encoders) or the AudioSet logits (``dasheng-base-audioset``; the README's
+sigmoid is :meth:`probabilities`). ``embed`` gives the 40 ms tokens as frames and their mean as the scene embedding;
+``window_samples`` is one ``target_length`` piece (tools cut longer inputs into such windows).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 from torch import Tensor
 
 from tympan.models.audiotransformer import SpectrogramTransformer, convert_official_checkpoint
-from tympan.models.layers import key_padding_bias
+from tympan.models.layers import Block, key_padding_bias
+from tympan.models.protocol import Embeddings
 from tympan.models.registry import ModelEntry, Weights, register_model
 
 HOP_LENGTH = 160
@@ -29,8 +34,9 @@ SAMPLES_PER_PATCH = HOP_LENGTH * PATCH_FRAMES  # 640 samples = 40 ms per token
 class Dasheng(SpectrogramTransformer):
     """Dasheng encoder: ``forward(waveform [B, N], x_length=None) -> tokens [B, t, D]``, ``t = ((N//160+1)-4)//4+1``.
 
-    With ``num_classes > 0`` it is the AudioSet classifier of the Dasheng README: ``forward`` then returns
-    ``sigmoid(outputlayer(tokens.mean(1)))`` ``[B, num_classes]``; :meth:`forward_features` still gives the tokens.
+    With ``num_classes > 0`` it is the AudioSet classifier of the Dasheng README: ``forward`` then returns the logits
+    ``outputlayer(tokens.mean(1))`` ``[B, num_classes]`` (the README's sigmoid: :meth:`probabilities`);
+    :meth:`forward_features` still gives the tokens.
     """
 
     def __init__(self, *, target_length: int = 1008, pooling: str | None = None, **kwargs):
@@ -41,6 +47,7 @@ class Dasheng(SpectrogramTransformer):
             patch_size=(64, PATCH_FRAMES), time_patches=target_length // PATCH_FRAMES, pooling=pooling, **kwargs
         )
         self.target_length = target_length
+        self.window_samples = target_length * HOP_LENGTH
 
     def padding_mask(self, x_length: Tensor, tokens: int) -> Tensor:
         """``[B, tokens]`` True where a patch lies past ``x_length`` samples (``floor(x_length / 640)`` valid)."""
@@ -61,6 +68,9 @@ class Dasheng(SpectrogramTransformer):
         grid = self.patchify(spec)
         t = grid.shape[-1]
         mask = None if x_length is None else self.padding_mask(x_length, t)
+        if t <= self.time_patches:  # one window (an exported graph's case: no data-dependent piece sizes)
+            bias = None if mask is None else key_padding_bias(mask, grid.dtype)
+            return self.encode(self.add_positions(grid), attn_bias=bias)
         full = t - t % self.time_patches
         parts = [
             self._encode_pieces(grid[..., start:stop], None if mask is None else mask[:, start:stop])
@@ -70,7 +80,7 @@ class Dasheng(SpectrogramTransformer):
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def forward_spectrogram(self, spec: Tensor, x_length: Tensor | None = None) -> Tensor:
-        """Normalised spectrogram -> tokens, or probabilities when the model has a head."""
+        """Normalised spectrogram -> tokens, or logits when the model has a head."""
         tokens = self.forward_features(spec, x_length)
         return self.classify(tokens) if self.num_classes else tokens
 
@@ -78,6 +88,18 @@ class Dasheng(SpectrogramTransformer):
         if x_length is not None and tuple(x_length.shape) != (waveform.shape[0],):
             raise ValueError(f"x_length must have shape [{waveform.shape[0]}], got {tuple(x_length.shape)}")
         return self.forward_spectrogram(self.forward_to_spec(waveform), x_length)
+
+    def embed(self, waveform: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """Tokens (40 ms, centred STFT frames ``4j .. 4j+3``) of each clip's own spectrogram, fed in whole pieces
+        (``windows_per_batch`` pieces per clip at a time); scene = the mean token."""
+        spec = self.per_clip_spec(waveform)
+        group = self.target_length * max(1, windows_per_batch // max(1, waveform.shape[0]))
+        if spec.shape[-1] <= self.target_length:  # one window: no split (keeps an exported graph free of sequences)
+            tokens = self.forward_features(spec)
+        else:
+            tokens = torch.cat([self.forward_features(part) for part in spec.split(group, dim=-1)
+                                if part.shape[-1] >= self.min_frames], dim=1)  # fmt: skip
+        return Embeddings(tokens.mean(1), tokens, self.frame_hop_seconds, self.first_frame_seconds)
 
 
 def _build(**config) -> Dasheng:
@@ -92,6 +114,8 @@ _SIZES = {  # released sizes from dasheng/pretrained/pretrained.py (train/models
 }
 _FILES = {"base": "dasheng_base.pt", "0.6b": "dasheng_06b.pt", "1.2b": "dasheng_12b.pt"}
 
+_TINY = dict(embed_dim=16, depth=1, num_heads=1, target_length=256)  # 64-token pieces
+
 for _size, _dims in _SIZES.items():
     register_model(
         ModelEntry(
@@ -103,6 +127,9 @@ for _size, _dims in _SIZES.items():
             convert_checkpoint=convert_official_checkpoint,
             description=f"Dasheng-{_size} MAE audio encoder (25 tokens/s, {_dims['embed_dim']}-d), arXiv 2406.06992",
             output="embeddings",
+            input_shape=(1, 160000),
+            block_types=(Block,),
+            test_config=_TINY,
         )
     )
 
@@ -118,8 +145,11 @@ register_model(
             notes="flat state dict: encoder keys + outputlayer.0 (LayerNorm) / outputlayer.1 (Linear 768->527)",
         ),
         convert_checkpoint=convert_official_checkpoint,
-        description="Dasheng-base fine-tuned on AudioSet (49.7 mAP): mean token -> LayerNorm -> Linear -> sigmoid",
+        description="Dasheng-base fine-tuned on AudioSet (49.7 mAP): mean token -> LayerNorm -> Linear (sigmoid tags)",
         labels="audioset",
-        output="probabilities",
+        input_shape=(1, 160000),
+        classifier="outputlayer",
+        block_types=(Block,),
+        test_config=_TINY,
     )
 )

@@ -22,6 +22,11 @@ official (``module.v.`` stripped)            tympan
 ===========================================  ======================================================
 
 :func:`convert_dass_checkpoint` also reads the Hugging Face port's layout (``dass.*`` + ``head.*``).
+
+Protocol: ``frontend`` is the ``ast-fbank`` recipe at the clip's own length (no positional embedding, so no window);
+``forward`` returns logits; ``embed`` gives the normalised last map averaged over mel as frames (320 ms apart: column
+``w`` is centred on frame ``32 w``, every stride-2 conv with kernel 3 and padding 1 mapping output ``i`` to input
+``2 i``) and the head's pooled input as the scene embedding.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 
 from tympan.models.layers import DropPath, stochastic_depth_rates
 from tympan.models.mamba import dt_bias_init, resolve_dt_rank, s4d_real_log_a
+from tympan.models.protocol import AudioModel, Embeddings
 from tympan.models.registry import ModelEntry, StateDict, Weights, register_model
 from tympan.ops import selective_scan
 
@@ -333,11 +339,11 @@ class Stage(nn.Module):
         return self.downsample(self.blocks(x))
 
 
-class DASS(nn.Module):
+class DASS(AudioModel):
     """DASS audio tagger: normalised fbank ``[B, T, n_mels]`` -> logits ``[B, num_classes]``.
 
     ``forward_features`` gives the last stage's map ``[B, C, ceil(n_mels/32), ceil(T/32)]`` (H = mel, W = time);
-    ``embed`` the pooled ``[B, C]`` vector the head reads.
+    ``pooled`` the ``[B, C]`` vector the head reads.
     """
 
     def __init__(
@@ -359,7 +365,15 @@ class DASS(nn.Module):
         if len(depths) != len(dims):
             raise ValueError(f"depths {list(depths)} and dims {list(dims)} must have the same length")
         self.num_mel_bins = num_mel_bins
-        self.num_features = dims[-1]
+        self.num_features = self.embedding_size = self.frame_embedding_size = dims[-1]
+        self.num_classes = max(num_classes, 0)
+        self.classifier = "head" if num_classes > 0 else None
+        self.block_types = (VSSBlock,)
+        self.frame_hop_seconds = 2 ** (1 + len(dims)) * 0.01  # stem /4, then /2 per downsampling stage
+        self.min_samples = 400  # one 25 ms Kaldi frame
+        from tympan.features import get_frontend  # imported here: features may import models' helpers
+
+        self.frontend = get_frontend("ast-fbank", num_mel_bins=num_mel_bins)
         self.patch_embed = PatchEmbed(in_chans, dims[0])
         rates = stochastic_depth_rates(sum(depths), drop_path_rate)
         starts = [sum(depths[:i]) for i in range(len(depths))]
@@ -393,16 +407,21 @@ class DASS(nn.Module):
             x = stage(x)
         return x
 
-    def embed(self, fbank: Tensor) -> Tensor:
+    def pooled(self, fbank: Tensor) -> Tensor:
         """Pooled clip embedding ``[B, C]``: channel LayerNorm then the mean over (mel, time) positions."""
         return self.pool(self.forward_features(fbank))
+
+    def embed(self, fbank: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """The whole clip at once: normalised last map averaged over mel ``[B, W, C]``, scene = their mean."""
+        frames = self.norm(self.forward_features(fbank)).mean(2).transpose(1, 2)
+        return Embeddings(frames.mean(1), frames, self.frame_hop_seconds, 0.0125)
 
     def pool(self, features: Tensor) -> Tensor:
         """The head's input from a feature map: channel LayerNorm then the mean over positions."""
         return self.norm(features).mean(dim=(2, 3))
 
     def forward(self, fbank: Tensor) -> Tensor:
-        return self.head(self.embed(fbank))
+        return self.head(self.pooled(fbank))
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -521,6 +540,10 @@ for _name, _depths, _rate, _repo, _desc in (
             convert_checkpoint=convert_dass_checkpoint,
             description=f"{_desc}; {_PAPER}. Input: normalised AST fbank [B, T, 128], any T.",
             input_kind="ast-fbank",
+            input_shape=(1, 1024, 128),
             labels="audioset",
+            classifier="head",
+            block_types=(VSSBlock,),
+            test_config=dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
         )
     )

@@ -16,6 +16,9 @@ expects. The pretrained encoder is ``model.encoder`` (save it with ``tympan.save
 Registered ids (prefixed, so that ``list_models("dasheng-*")`` stays the released encoders):
 ``mae-dasheng-{base,0.6b,1.2b}`` (decoder 512/8/16, 1.2B 768/8/24) and ``mae-audiotransformer-{tiny,small,base}``
 (decoder 512 wide, depth 4/8/8, 8 heads).
+
+Protocol: the wrapper reads the waveform like its encoder; ``embed`` is the encoder's (the pretrained
+representation), ``forward`` the pretraining loss.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from tympan.models.audiotransformer import SpectrogramTransformer
 from tympan.models.layers import Block
+from tympan.models.protocol import AudioModel, Embeddings
 from tympan.models.registry import ModelEntry, get_model_entry, register_model
 
 __all__ = ["MAEOutput", "MAEPretrainModel", "normalized_patch_loss", "random_masking"]
@@ -71,7 +75,7 @@ def normalized_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, eps: float
     return (per_patch * mask).sum() / mask.sum()
 
 
-class MAEPretrainModel(nn.Module):
+class MAEPretrainModel(AudioModel):
     """An encoder (built from a registered id) plus the MAE decoder; see the module docstring."""
 
     def __init__(self, encoder_id: str, encoder_config: dict, mask_ratio: float = 0.75, group: int = 1,
@@ -84,6 +88,10 @@ class MAEPretrainModel(nn.Module):
         self.encoder.tympan_id, self.encoder.tympan_config = encoder_id, dict(encoder_config)
         self.mask_ratio, self.group = mask_ratio, group
         enc = self.encoder
+        self.block_types = (Block,)
+        self.embedding_size, self.frame_embedding_size = enc.embedding_size, enc.frame_embedding_size
+        self.frame_hop_seconds, self.window_samples = enc.frame_hop_seconds, enc.window_samples
+        self.min_samples = enc.min_samples
         self.prefix = 1 if enc.pooling == "token" else 0
         patch_dim = enc.patch_size[0] * enc.patch_size[1]
         max_tokens = enc.freq_patches * enc.time_patches
@@ -103,6 +111,10 @@ class MAEPretrainModel(nn.Module):
         """dB mel ``[B, n_mels, T]`` -> patches ``[B, L, mels * frames]`` in token order."""
         size = self.encoder.patch_size
         return F.unfold(mel_db[:, None], kernel_size=size, stride=size).transpose(1, 2)
+
+    def embed(self, waveform: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """The encoder's embeddings."""
+        return self.encoder.embed(waveform, windows_per_batch)
 
     def forward(self, waveform: Tensor, generator: torch.Generator | None = None) -> MAEOutput:
         enc = self.encoder
@@ -136,6 +148,9 @@ def _builder(encoder_id: str):
     return build
 
 
+_TINY = dict(embed_dim=16, depth=1, num_heads=1, decoder_dim=16, decoder_depth=1, decoder_heads=1)
+
+
 def _register() -> None:
     for family in ("dasheng", "sat"):  # the encoder ids used below (this module may be imported first)
         importlib.import_module(f"tympan.models.{family}")
@@ -147,7 +162,8 @@ def _register() -> None:
             config=dict(get_model_entry(encoder_id).config, mask_ratio=0.75, group=2, decoder_dim=dim,
                         decoder_depth=depth, decoder_heads=heads),
             description=f"MAE pretraining of {encoder_id}: group masking (2), 0.75 masked, normalised-patch loss",
-            output="embeddings",
+            output="embeddings", input_shape=(1, 160000), block_types=(Block,),
+            test_config=dict(_TINY, target_length=256),
         ))  # fmt: skip
     for size, depth in {"tiny": 4, "small": 8, "base": 8}.items():
         encoder_id = f"audiotransformer-{size}"
@@ -156,7 +172,8 @@ def _register() -> None:
             name=f"mae-{encoder_id}", family="mae", build=_builder(encoder_id),
             config=dict(encoder, mask_ratio=0.75, group=1, decoder_dim=512, decoder_depth=depth, decoder_heads=8),
             description=f"MAE pretraining of the SAT-repo {encoder_id} encoder (16x16 patches, cls token kept)",
-            output="embeddings",
+            output="embeddings", input_shape=(1, 160000), block_types=(Block,),
+            test_config=dict(_TINY, target_length=256),
         ))  # fmt: skip
 
 

@@ -32,7 +32,7 @@ class Weights:
     notes: str = ""
 
 
-OUTPUT_KINDS = ("logits", "probabilities", "embeddings")
+OUTPUT_KINDS = ("logits", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,20 @@ class ModelEntry:
     weights: Weights | None = None
     convert_checkpoint: ConvertFn | None = None
     description: str = ""
-    input_kind: str = "waveform"  # "waveform" (16 kHz mono samples) or a frontend name from tympan.features
+    input_kind: str = "waveform"  # "waveform" (16 kHz mono samples) or the frontend name from tympan.features
+    input_shape: tuple[int, ...] = ()  # example shape of forward's input (the frontend's output) for one window
     sample_rate: int = 16000
     labels: str | None = None  # label set of the head ("audioset"), None for encoders
-    output: str = "logits"  # what forward returns: "logits", "probabilities" (sigmoid inside) or "embeddings"
+    output: str = "logits"  # what forward returns: "logits" (never a sigmoid inside) or "embeddings" (encoders)
+    classifier: str | None = None  # name of the head submodule (head lr, fine-tuning); None for encoders
+    block_types: tuple[type[nn.Module], ...] = ()  # repeated layers: FSDP units, layer-wise lr decay
+    test_config: Mapping[str, Any] = field(default_factory=dict)  # overrides giving a tiny model for the tests
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_KINDS:
             raise ValueError(f"{self.name}: output must be one of {OUTPUT_KINDS}, got {self.output!r}")
+        if not self.block_types:
+            raise ValueError(f"{self.name}: declare the model's block_types (FSDP units, layer decay)")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -114,7 +120,15 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise
     model.tympan_id = name
     model.tympan_config = config
+    model.label_source = entry.labels
+    model.classifier = entry.classifier if getattr(model, "num_classes", 0) else None
+    model.block_types = entry.block_types
     return model
+
+
+def create_test_model(name: str, **overrides: Any) -> nn.Module:
+    """``name`` built with its tiny ``test_config`` (then ``overrides``): what the tests run every family on."""
+    return create_model(name, **{**get_model_entry(name).test_config, **overrides})
 
 
 def _import_families() -> None:

@@ -17,7 +17,13 @@ tokens, as a flat token list in ``(f t)`` order. At each step
 
 :meth:`SAT.forward` is the original's ``forward(wave, cache=None, return_cache=False)`` including its quirks (a chunk
 longer than ``target_length`` frames is cut into pieces, a short last piece dropped; a short chunk shifts the flat
-memory by fewer than ``cache_size`` tokens). :class:`tympan.inference.Streamer` fixes the streaming-level bugs.
+memory by fewer than ``cache_size`` tokens), except that it returns logits (the original's sigmoid is
+:meth:`probabilities`; several pieces combine as :func:`~tympan.models.audiotransformer.combine_piece_logits`).
+:class:`tympan.inference.Streamer` fixes the streaming-level bugs.
+
+Protocol: ``streaming = True``; the state is ``(cache,)``; :meth:`SAT.init_state` is the original's silence memory
+(``warm=True``) or an empty one, :meth:`SAT.step` runs one waveform chunk (each stream's own spectrogram, as
+``inference.py`` computes it per file). ``embed`` streams the clip through the same steps.
 
 SAT-S-1s quirk: the original ``SAT_S_1s`` factory passes the 2 s settings (192/192 frames, 48 memory tokens), so
 the released ``SAT_S_stream1s`` weights were trained and evaluated as that model. ``sat-small-1s`` reproduces the
@@ -30,7 +36,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tympan.models.audiotransformer import AudioTransformer, SpectrogramTransformer, convert_official_checkpoint
+from tympan.models.audiotransformer import (
+    AudioTransformer,
+    SpectrogramTransformer,
+    combine_piece_logits,
+    convert_official_checkpoint,
+)
+from tympan.models.layers import Block
+from tympan.models.protocol import Embeddings, State, weighted_mean
 from tympan.models.registry import ModelEntry, Weights, register_model
 
 SAMPLE_RATE = 16000
@@ -38,7 +51,7 @@ HOP_LENGTH = 160
 
 
 class SAT(SpectrogramTransformer):
-    """Streaming Audio Transformer: ``forward(waveform, cache=None, return_cache=False)`` -> probs [, cache].
+    """Streaming Audio Transformer: ``forward(waveform, cache=None, return_cache=False)`` -> logits [, cache].
 
     Args:
         target_length: frames per chunk (192 = 1.92 s for the "2s" models, 96 for "1s").
@@ -57,6 +70,8 @@ class SAT(SpectrogramTransformer):
         self.cache_length = cache_length
         self.cache_size = self.freq_patches * (cache_length // frames)
         self.eval_avg = eval_avg
+        self.streaming = True
+        self.window_samples = self.chunk_samples
 
     @property
     def chunk_samples(self) -> int:
@@ -91,8 +106,8 @@ class SAT(SpectrogramTransformer):
             new_cache = torch.cat([cache, new_cache], dim=2)
         return self.norm(tokens), new_cache[:, :, -self.cache_size:].detach()
 
-    def step(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One streaming step on a normalised chunk: (probabilities ``[B, C]``, new cache)."""
+    def step_spectrogram(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One streaming step on a normalised chunk: (logits ``[B, C]``, new cache)."""
         tokens, cache = self.forward_features(spec, cache)
         return self.classify(tokens), cache
 
@@ -100,18 +115,51 @@ class SAT(SpectrogramTransformer):
         """The original's chunk handling: a spectrogram longer than ``target_length`` runs as sequential pieces
         carrying the cache, a short last piece is skipped (``pad_last=False``), piece outputs are combined."""
         if spec.shape[-1] <= self.target_length:
-            return self.step(spec, cache)
+            return self.step_spectrogram(spec, cache)
         outputs = []
         for piece in spec.split(self.target_length, dim=-1)[: spec.shape[-1] // self.target_length]:
-            probs, cache = self.step(piece, cache)
-            outputs.append(probs)
-        stacked = torch.stack(outputs)
-        combined = {"mean": lambda: stacked.mean(0), "max": lambda: stacked.amax(0), "last": lambda: stacked[-1]}
-        return combined[self.eval_avg](), cache
+            logits, cache = self.step_spectrogram(piece, cache)
+            outputs.append(logits)
+        return combine_piece_logits(torch.stack(outputs), self.eval_avg), cache
 
     def forward(self, waveform: Tensor, cache: Tensor | None = None, return_cache: bool = False):
-        probs, cache = self.forward_spectrogram(self.forward_to_spec(waveform), cache)
-        return (probs, cache) if return_cache else probs
+        logits, cache = self.forward_spectrogram(self.forward_to_spec(waveform), cache)
+        return (logits, cache) if return_cache else logits
+
+    # ------------------------------------------------------------------------------------------ protocol
+    def init_state(self, batch: int = 1, warm: bool = True) -> State:
+        """``(cache,)``: the original's silence memory (``warm``) or an empty memory ``[depth, batch, 0, D]``."""
+        if warm:
+            return (self.initial_cache(batch),)
+        param = self.time_pos_embed
+        return (param.new_zeros(len(self.blocks), batch, 0, self.embed_dim),)
+
+    def step(self, chunk: Tensor, state: State) -> tuple[Tensor, State]:
+        """One waveform chunk ``[B, N]`` (each stream's own spectrogram) with the state before it -> (logits, state)."""
+        logits, cache = self.forward_spectrogram(self.per_clip_spec(chunk), state[0])
+        return logits, (cache,)
+
+    def embed(self, waveform: Tensor, windows_per_batch: int = 16) -> Embeddings:
+        """``target_length``-frame chunks in order, each with its own spectrogram (as ``inference.py``), the memory
+        carried from the silence memory; a final partial chunk is read without updating the memory. Frames are time
+        columns, the scene the pooled vectors weighted by each chunk's samples."""
+        chunk, patch = self.chunk_samples, self.patch_size[1]
+        cache = self.initial_cache(waveform.shape[0])
+        columns, pooled, weights = [], [], []
+        for start in range(0, waveform.shape[1], chunk):
+            piece = waveform[:, start:start + chunk]
+            if piece.shape[1] // HOP_LENGTH + 1 < patch:  # too short for one patch: the grid holds the last value
+                break
+            tokens, new_cache = self.forward_features(self.per_clip_spec(piece), cache)
+            if piece.shape[1] == chunk:
+                cache = new_cache
+            columns.append(self.time_columns(tokens))
+            pooled.append(self.pool(tokens))
+            weights.append(piece.shape[1])
+        if not columns:
+            raise ValueError(f"audio of {waveform.shape[1]} samples is too short for one {patch}-frame SAT patch")
+        scene = weighted_mean(torch.stack(pooled, 1), torch.tensor(weights, device=waveform.device))
+        return Embeddings(scene, torch.cat(columns, 1), self.frame_hop_seconds, self.first_frame_seconds)
 
     @torch.no_grad()
     def initial_cache(self, batch: int = 1) -> Tensor:
@@ -157,6 +205,8 @@ def _build_sat(**config) -> SAT:
     return SAT(**config)
 
 
+_TINY = dict(embed_dim=16, depth=1, num_heads=1)
+
 for _size, _dims in _SIZES.items():
     register_model(
         ModelEntry(
@@ -168,7 +218,10 @@ for _size, _dims in _SIZES.items():
             convert_checkpoint=convert_official_checkpoint,
             description=f"SAT-repo non-streaming ViT-{_size[0].upper()} AudioSet tagger (16x16 patches, 10 s context)",
             labels="audioset",
-            output="probabilities",
+            input_shape=(1, 161920),
+            classifier="outputlayer",
+            block_types=(Block,),
+            test_config=dict(_TINY, target_length=256),
         )
     )
     for _delay in ("2s", "1s"):
@@ -185,6 +238,9 @@ for _size, _dims in _SIZES.items():
                 description=f"SAT-{_size[0].upper()} streaming AudioSet tagger, {_frames / 100:.2f} s chunks with memory"
                 + (" (official factory quirk: 2 s settings)" if _size == "small" and _delay == "1s" else ""),
                 labels="audioset",
-                output="probabilities",
+                input_shape=(1, _frames * HOP_LENGTH),
+                classifier="outputlayer",
+                block_types=(Block,),
+                test_config=_TINY,
             )
         )

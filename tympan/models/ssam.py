@@ -20,19 +20,24 @@ HEAR embeddings (:meth:`SSAM.timestamp_embeddings`, :meth:`SSAM.scene_embeddings
 Parameter names equal the official checkpoints' (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.<i>.norm``, ``blocks.<i>.mixer.*``, ``encoder_norm``); the converter drops the pretraining-only
 ``mask_token`` and ``pred.*`` head.
+
+Protocol: ``frontend`` is the ``ssam-mel`` recipe (a submodule; frontends hold no weights, so the state dict is the
+original's); ``embed`` is the HEAR path above on features of any length (rows about 40 ms apart, start-aligned);
+:meth:`SSAM.embed_waveform` gives them the original's exact spacing ``duration / rows``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from tympan.models.mamba import MambaMixer
+from tympan.models.protocol import AudioModel, Embeddings
 from tympan.models.registry import ModelEntry, StateDict, register_model
 
 _PRETRAINING_ONLY = re.compile(r"^(mask_token$|pred\.)")
@@ -88,7 +93,7 @@ class MambaBlock(nn.Module):
         return self.mixer(self.norm(residual))
 
 
-class SSAM(nn.Module):
+class SSAM(AudioModel):
     """SSAM encoder: log-mel chunk ``[B, 1, T, F]`` -> regrouped features ``[B, T / pt, (F / pf) * D]``."""
 
     def __init__(
@@ -113,6 +118,13 @@ class SSAM(nn.Module):
         self.embed_dim = embed_dim
         self.sample_rate = sample_rate
         self.frontend_name = frontend
+        self.block_types = (MambaBlock,)
+        self.embedding_size = self.frame_embedding_size = self.grid[1] * embed_dim
+        self.frame_hop_seconds = patch_size[0] * 0.01  # nominal: the exact spacing is duration / rows
+        self.min_samples = 400
+        from tympan.features import get_frontend  # imported here: features may import models' helpers
+
+        self.frontend = get_frontend(frontend)
         self.patch_embed = PatchEmbed(tuple(patch_size), embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, *self.grid))
@@ -120,7 +132,6 @@ class SSAM(nn.Module):
         self.blocks = nn.ModuleList(MambaBlock(embed_dim, norm_eps, **mixer) for _ in range(depth))
         self.encoder_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self._init_weights(depth)
-        object.__setattr__(self, "_frontend", None)  # a plain attribute: never part of the state dict
 
     @property
     def output_dim(self) -> int:
@@ -181,21 +192,9 @@ class SSAM(nn.Module):
 
     # ------------------------------------------------------------------------------------- HEAR embeddings
 
-    @property
-    def frontend(self) -> Callable[[Tensor], Tensor]:
-        """The log-mel frontend the original HEAR wrapper uses (built on first use, kept out of the state dict)."""
-        if self._frontend is None:
-            from tympan.features import get_frontend
-
-            object.__setattr__(self, "_frontend", get_frontend(self.frontend_name))
-        return self._frontend
-
     def log_mel(self, audio: Tensor) -> Tensor:
         """Whole-clip standardised log-mel ``[n, 1, T, F]`` of audio ``[n, samples]`` (the HEAR wrapper's features)."""
-        frontend = self.frontend
-        if isinstance(frontend, nn.Module):
-            frontend.to(audio.device)
-        return frontend(audio)
+        return self.frontend(audio)
 
     def encode_features(self, features: Tensor, chunks_per_batch: int = 64) -> Tensor:
         """Encode a whole log-mel ``[n, 1, T, F]`` as the HEAR wrapper does -> ``[n, rows, output_dim]``.
@@ -227,6 +226,20 @@ class SSAM(nn.Module):
         """HEAR ``get_scene_embeddings``: the mean of the timestamp embeddings over rows -> ``[n, output_dim]``."""
         audio = _as_batch(audio)
         return self.encode_features(self.log_mel(audio), chunks_per_batch).mean(dim=1)
+
+    # ------------------------------------------------------------------------------------------- protocol
+
+    def embed(self, features: Tensor, windows_per_batch: int = 64) -> Embeddings:
+        """Log-mel of any length -> :meth:`encode_features` rows (nominal 40 ms apart from 0) and their mean."""
+        rows = self.encode_features(features, windows_per_batch)
+        return Embeddings(rows.mean(1), rows, self.frame_hop_seconds, 0.0)
+
+    def embed_waveform(self, waveform: Tensor, windows_per_batch: int = 64) -> Embeddings:
+        """As :meth:`embed`, with the original's row spacing ``duration / rows`` (:func:`hear_timestamps`)."""
+        waveform = _as_batch(waveform)
+        embedded = self.embed(self.log_mel(waveform), windows_per_batch)
+        embedded.frame_hop_seconds = waveform.shape[-1] / self.sample_rate / embedded.frames.shape[1]
+        return embedded
 
 
 def _as_batch(audio: Tensor) -> Tensor:
@@ -295,5 +308,9 @@ for _size, _dim in (("tiny", 192), ("small", 384), ("base", 768)):
                 f"embeddings every ~40 ms. {_SOURCE}"
             ),
             input_kind="ssam-mel",
+            input_shape=(1, 1, 200, 80),
+            output="embeddings",
+            block_types=(MambaBlock,),
+            test_config=dict(embed_dim=16, depth=1),
         )
     )

@@ -27,9 +27,11 @@ from tympan.models.ast import (
     SSAST_PATCHES,
     SSAST_SIZES,
     SSAST_URLS,
+    TINY_CONFIG,
     ASTModel,
     official_backbone_state,
 )
+from tympan.models.layers import Block
 from tympan.models.registry import ModelEntry, StateDict, Weights, register_model
 
 CLUSTER_SIZES = (3, 4, 5)
@@ -281,6 +283,10 @@ def _register() -> None:
                     convert_checkpoint=convert_pretrain_checkpoint,
                     description=f"SSAST {size} {kind}-based pretraining model (masked patch MPC + MPG heads)",
                     input_kind="ast-fbank",
+                    input_shape=(1, 1024, 128),
+                    output="embeddings",
+                    block_types=(Block,),
+                    test_config=dict(TINY_CONFIG, mask_patch=8),
                 )
             )
 

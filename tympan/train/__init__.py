@@ -110,7 +110,6 @@ def evaluate_main(checkpoint: str | os.PathLike, datafile: str | os.PathLike, la
 
     ctx = distributed.setup()
     model = tympan.load(model_id, checkpoint=checkpoint).to(ctx.device)
-    entry = tympan.get_model_entry(model_id)
     dataset = AudioDataset(select_records(read_datafile(datafile), select), labels, clip_seconds=clip_seconds)
     augment = BatchAugment(config["augment"], model_frontend(model))
 
@@ -120,7 +119,7 @@ def evaluate_main(checkpoint: str | os.PathLike, datafile: str | os.PathLike, la
         return {"inputs": inputs, "waveform": waveform, "target": target}
 
     kind = "ce" if metric == "accuracy" else "bce"
-    metrics = evaluate_model(model, LabelObjective(kind, entry.output), dataset, prepare, ctx, config, metric,
+    metrics = evaluate_model(model, LabelObjective(kind), dataset, prepare, ctx, config, metric,
                              lambda: _NoAutocast())  # fmt: skip
     if ctx.is_main:
         print(json.dumps(metrics, indent=2))

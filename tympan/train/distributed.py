@@ -64,16 +64,17 @@ def barrier(ctx: Context) -> None:
 
 
 def wrap_model(model: nn.Module, ctx: Context, fsdp: bool = False) -> nn.Module:
-    """DDP over ranks, or FSDP2 (``fully_shard`` on every transformer :class:`~tympan.models.layers.Block`, then the
-    root) for models too big to replicate (Dasheng 0.6B/1.2B)."""
+    """DDP over ranks, or FSDP2 (``fully_shard`` on every block of the model's declared ``block_types``, then the
+    root) for models too big to replicate (Dasheng 0.6B/1.2B); every family declares its blocks in the registry
+    (transformer blocks, DASS VSS blocks, SSAM Mamba blocks, encoder and decoder blocks of MAE)."""
     if not ctx.distributed:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        from tympan.models.layers import Block
+        from tympan.models.protocol import audio_model
 
-        for block in [m for m in model.modules() if isinstance(m, Block)]:  # encoder and decoder blocks
+        for block in audio_model(model).block_modules():
             fully_shard(block)
         return fully_shard(model)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tympan.labels import LabelSet
+from tympan.models.protocol import audio_model
 
 __all__ = [
     "DistillationObjective",
@@ -47,6 +48,7 @@ __all__ = [
     "label_loss",
     "label_mapping",
     "precompute_teacher_outputs",
+    "scores_embedding_loss",
     "to_logits",
 ]
 
@@ -126,15 +128,9 @@ def label_mapping(mode: str, student_classes: int, teacher_labels: LabelSet | No
 
 
 def model_frontend(model: nn.Module) -> nn.Module | None:
-    """The frontend a model's input needs (:func:`tympan.inference.tagging.input_frontend`), with the fbank's
-    mel bins following the model's ``input_fdim`` (small models on fewer bins)."""
-    from tympan.inference.tagging import input_frontend
-
-    frontend = input_frontend(model)
-    fdim = getattr(model, "input_fdim", None)
-    if frontend is not None and fdim and getattr(frontend, "num_mel_bins", fdim) != fdim:
-        frontend.num_mel_bins = fdim
-    return frontend
+    """The model's frontend (``model.frontend`` of the protocol), ``None`` for a model that reads the waveform."""
+    frontend = audio_model(model).frontend
+    return None if isinstance(frontend, nn.Identity) else frontend
 
 
 # ------------------------------------------------------------------------------------------ teachers
@@ -148,25 +144,18 @@ class ModelTeacher(nn.Module):
             model = tympan.create_model(model_id, **overrides)
         else:
             model = tympan.load(model_id, checkpoint=None if checkpoint == "official" else checkpoint, **overrides)
-        entry = tympan.get_model_entry(model_id)
-        if entry.output == "embeddings":
+        if not model.has_head:
             raise ValueError(f"teacher {model_id} is an encoder without classes")
         self.model = model.eval().requires_grad_(False)
-        self.frontend = model_frontend(model)
-        self.output_kind = entry.output
-        from tympan.labels import get_label_set
-
-        num_classes = model.tympan_config.get("num_classes", 0)
-        self.labels = get_label_set(entry.labels, num_classes) if entry.labels else None
-        self.num_classes = num_classes
+        self.labels = model.labels if model.label_source else None  # generic names carry no label ids
+        self.num_classes = model.num_classes
 
     def train(self, mode: bool = True) -> ModelTeacher:  # always frozen
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, waveform: Tensor) -> Tensor:
-        inputs = waveform if self.frontend is None else self.frontend.to(waveform.device)(waveform)
-        return to_logits(self.model(inputs), self.output_kind)
+        return self.model(self.model.frontend(waveform)).float()
 
 
 class OnnxLogits(nn.Module):
@@ -253,14 +242,14 @@ class PrecomputedTeacher:
 
 # ------------------------------------------------------------------------------------------ objectives
 class LabelObjective(nn.Module):
-    """Supervised training on labels (``bce`` or ``ce``) of a model returning logits or probabilities."""
+    """Supervised training on labels (``bce`` or ``ce``) of a model returning logits (the model protocol)."""
 
-    def __init__(self, kind: str, output_kind: str, num_labels: int | None = None) -> None:
+    def __init__(self, kind: str, num_labels: int | None = None) -> None:
         super().__init__()
-        self.kind, self.output_kind, self.num_labels = kind, output_kind, num_labels
+        self.kind, self.num_labels = kind, num_labels
 
     def logits(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        return to_logits(model(batch["inputs"]), self.output_kind)
+        return model(batch["inputs"]).float()
 
     def label_part(self, logits: Tensor) -> Tensor:
         return logits if self.num_labels is None else logits[:, : self.num_labels]
@@ -280,10 +269,10 @@ class LabelObjective(nn.Module):
 class DistillationObjective(LabelObjective):
     """``label_weight * label loss + weight * distillation loss`` (DASS: 0.5 / 0.5 with kl, T = 1)."""
 
-    def __init__(self, kind: str, output_kind: str, teacher: nn.Module | PrecomputedTeacher | None,
-                 student_columns: Tensor, teacher_columns: Tensor, distill: dict[str, Any], label_weight: float,
+    def __init__(self, kind: str, teacher: nn.Module | PrecomputedTeacher | None, student_columns: Tensor,
+                 teacher_columns: Tensor, distill: dict[str, Any], label_weight: float,
                  num_labels: int | None = None) -> None:  # fmt: skip
-        super().__init__(kind, output_kind, num_labels)
+        super().__init__(kind, num_labels)
         self.teacher = teacher
         self.register_buffer("student_columns", student_columns, persistent=False)
         self.register_buffer("teacher_columns", teacher_columns, persistent=False)
@@ -333,3 +322,23 @@ class ModelLossObjective(nn.Module):
         if hasattr(output, "_asdict"):
             logs.update({k: float(v.detach()) for k, v in output._asdict().items() if v.ndim == 0})
         return loss, logs
+
+
+# ------------------------------------------------------------------------------------------ scores + embedding
+def scores_embedding_loss(logits: Tensor, projected: Tensor | None, teacher_probs: Tensor,
+                          teacher_embedding: Tensor | None, embed_weight: float = 1.0) -> tuple[Tensor, Logs]:  # fmt: skip
+    """Distillation on a teacher's per-window class probabilities and embedding (the default model's objective).
+
+    ``BCEWithLogits(logits, teacher_probs) + embed_weight * (1 - cos(projected, teacher_embedding))``, batch means:
+    the student learns the teacher's multi-label scores and, through a projection of its own embedding, the
+    direction of the teacher's embedding (YAMNet's 1024-d), which carries what a probe later reads.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), teacher_probs.float())
+    logs: Logs = {"bce": float(bce.detach())}
+    loss = bce
+    if projected is not None and teacher_embedding is not None and embed_weight:
+        cosine = F.cosine_similarity(projected.float(), teacher_embedding.float(), dim=-1).mean()
+        loss = loss + embed_weight * (1.0 - cosine)
+        logs["cosine"] = float(cosine.detach())
+    logs["loss"] = float(loss.detach())
+    return loss, logs

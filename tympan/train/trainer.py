@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -45,6 +44,7 @@ from tympan.data import AddNoise, Mixup, NoiseRoll, RandomGain, SpecAugment, col
 from tympan.data.augment import SampleGenerators
 from tympan.data.sampling import DistributedSampler
 from tympan.eval.metrics import multilabel_metrics, singlelabel_metrics
+from tympan.models.protocol import audio_model
 from tympan.train import distributed as dist_utils
 from tympan.train.averaging import EMA, average_checkpoints
 from tympan.errors import ResumeError
@@ -133,18 +133,17 @@ class BatchAugment:
         return inputs
 
 
-_BLOCK = re.compile(r"^((?:.*\.)?blocks\.\d+)\.")
-
-
 def layer_depths(model: nn.Module) -> dict[str, int]:
-    """Each parameter's depth for layer-wise lr decay: the blocks (``blocks.i``, or ``layers.j.blocks.i`` in staged
-    models) count 1, 2, ... in the order the model registers them; what comes before the first block (patch and
-    positional embeddings, prefix tokens) is 0, what sits between blocks (downsampling) takes the depth of the
-    block before it, what comes after the last (final norm, head) is the top."""
+    """Each parameter's depth for layer-wise lr decay: the model's declared ``block_types`` (the registry's, e.g. DASS
+    VSS blocks inside stages) count 1, 2, ... in the order the model registers them; what comes before the first block
+    (patch and positional embeddings, prefix tokens) is 0, what sits between blocks (downsampling) takes the depth of
+    the block before it, what comes after the last (final norm, head) is the top."""
+    types = tuple(getattr(model, "block_types", ()))
+    blocks = [name for name, module in model.named_modules() if types and isinstance(module, types)]
     names = [name for name, _ in model.named_parameters()]
-    block_of = {name: m.group(1) for name in names if (m := _BLOCK.match(name))}
+    block_of = {name: block for name in names for block in blocks if name.startswith(block + ".")}
     if not block_of:
-        raise ConfigError(f"optim.layer_decay needs a model with blocks.<i> layers, {type(model).__name__} has none")
+        raise ConfigError(f"optim.layer_decay needs a model with declared block_types, {type(model).__name__} has none")
     order = {key: i + 1 for i, key in enumerate(dict.fromkeys(block_of.values()))}
     last = max(i for i, name in enumerate(names) if name in block_of)
     depths, depth = {}, 0
@@ -160,12 +159,13 @@ def _param_groups(model: nn.Module, optim: dict[str, Any]) -> list[dict[str, Any
     parameters, and with ``layer_decay`` (BEiT/MAE fine-tuning) ``layer_decay ** (top - depth)`` per layer."""
     depths = layer_depths(model) if optim["layer_decay"] is not None else {}
     top = max(depths.values(), default=0)
+    head = getattr(model, "classifier", None)  # the protocol's head submodule name, declared by the registry
     groups: dict[tuple[bool, float], list[Tensor]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = optim["no_decay_1d"] and (param.ndim <= 1 or name.endswith(".bias"))
-        scale = optim["head_lr"] if name.startswith(("head.", "outputlayer.")) else 1.0
+        scale = optim["head_lr"] if head and name.startswith(head + ".") else 1.0
         if depths:
             scale *= optim["layer_decay"] ** (top - depths[name])
         groups.setdefault((no_decay, scale), []).append(param)
@@ -278,17 +278,16 @@ class Trainer:
     def _objective(self, model: nn.Module, kind: str, num_labels: int | None) -> nn.Module:
         if kind in ("ssast", "mae"):
             return ModelLossObjective(pass_lengths=self.config["objective"]["mask_padding"])
-        output_kind = self.entry.output
         if kind in ("bce", "ce"):
-            return LabelObjective(kind, output_kind)
+            return LabelObjective(kind)
         cfg = self.config["objective"]
         distill = cfg["distill"]
         label_kind = self._label_kind()
-        num_classes = model.tympan_config.get("num_classes")
+        num_classes = audio_model(model).num_classes
         student_cols, teacher_cols = label_mapping(distill["label_map"], num_classes, self.teacher.labels,
                                                    self.teacher.num_classes, self.labels, num_labels or 0)  # fmt: skip
         head_labels = num_labels if distill["label_map"] == "append" else None
-        objective = DistillationObjective(label_kind, output_kind, None, student_cols, teacher_cols, distill,
+        objective = DistillationObjective(label_kind, None, student_cols, teacher_cols, distill,
                                           cfg["label_weight"] if num_labels else 0.0, head_labels)  # fmt: skip
         objective.teacher = self.teacher  # not a submodule: never trained, never checkpointed
         return objective
