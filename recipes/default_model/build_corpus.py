@@ -1,0 +1,264 @@
+"""Build the default model's distillation corpus (see ``recipes/default_model.yaml``); run from the repository root.
+
+    python recipes/default_model/build_corpus.py recipes/default_model.yaml [--stage all|label|mix|shard]
+
+Stages: list sources (Debian packages via apt-get download + dpkg -x, shared folders, synthesis), label every
+file with YAMNet (per-file cache, resumable), label effect-over-bed mixtures, then write shards, the per-file
+manifest (package, version, licence, split) and the corpus table. One onnxruntime thread; run it niced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tympan.data import corpus as C
+from tympan.teachers.yamnet import MIN_SAMPLES, PATCH_HOP_SAMPLES, YAMNet
+
+ENV_GROUPS = {C.GROUPS.index(g) for g in ("animal", "nature", "vehicle", "domestic", "alarm", "tools", "impacts", "human")}
+BED_GROUPS = {C.GROUPS.index(g) for g in ("speech", "music", "nature")}
+
+
+def log(*args: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def package_items(spec: dict[str, Any], root: Path, rng: random.Random) -> list[C.AudioItem]:
+    """Audio items of one package entry, each with the licence from the package's copyright file."""
+    package = C.fetch_package(spec["name"], root)
+    copyright = package.copyright
+    files = C.find_audio(package.root, spec.get("include", ()), spec.get("exclude", ()), spec.get("zips", ()))
+    if spec.get("max_files") and len(files) > spec["max_files"]:
+        files = sorted(rng.sample(files, spec["max_files"]))
+    items = []
+    for relative, path in files:
+        license_name = C.license_for(copyright, relative) if copyright.machine_readable else None
+        if license_name is None:
+            license_name = spec.get("license") or copyright.header_license
+        if not license_name:
+            raise SystemExit(f"{spec['name']}: no licence for {relative}; set `license` in the recipe after checking")
+        items.append(C.AudioItem(f"{spec['name']}:{relative}", spec["name"], package.version, license_name, path))
+    return items
+
+
+def shared_items(spec: dict[str, Any], rng: random.Random) -> list[C.AudioItem]:
+    files = C.find_audio(spec["dir"], spec.get("include", ()), spec.get("exclude", ()))
+    if spec.get("max_files") and len(files) > spec["max_files"]:
+        files = sorted(rng.sample(files, spec["max_files"]))
+    return [C.AudioItem(f"{spec['name']}:{rel}", spec["name"], "shared", spec["license"], path) for rel, path in files]
+
+
+def synth_items(spec: dict[str, Any], root: Path, rng: random.Random) -> list[C.AudioItem]:
+    """Synthetic audio (minor share): General MIDI programs through fluidsynth, espeak-ng speech, sox sounds."""
+    out = root / "synth"
+    out.mkdir(parents=True, exist_ok=True)
+    items: list[C.AudioItem] = []
+    if shutil.which("fluidsynth"):
+        sf_package = C.fetch_package(spec["soundfont_package"], root)
+        soundfont = next(sf_package.root.rglob("FluidR3_GM.sf2"))
+        for program in range(spec["midi_programs"] + 1):
+            drums = program == spec["midi_programs"]
+            midi, wav = out / f"gm_{program:03d}.mid", out / f"gm_{program:03d}.wav"
+            if not wav.exists():
+                midi.write_bytes(C.general_midi_file(program, drums=drums, seed=program))
+                subprocess.run(["fluidsynth", "-ni", "-g", "0.8", "-r", "16000", "-F", str(wav), str(soundfont),
+                                str(midi)], check=True, capture_output=True)  # fmt: skip
+            items.append(C.AudioItem(f"synth:gm/{program:03d}", "synth-fluidsynth", sf_package.version,
+                                     f"generated; soundfont {spec['soundfont_package']} ({sf_package.copyright.header_license or 'MIT'})",
+                                     str(wav)))  # fmt: skip
+    if shutil.which("espeak-ng"):
+        sentences = ["The quick brown fox jumps over the lazy dog.", "Please leave a message after the tone.",
+                     "One two three four five six seven eight nine ten.", "Where is the railway station?"]  # fmt: skip
+        for lang in spec["espeak_languages"]:
+            for i, text in enumerate(sentences):
+                wav = out / f"espeak_{lang}_{i}.wav"
+                if not wav.exists():
+                    subprocess.run(["espeak-ng", "-v", lang, "-s", str(rng.randint(130, 190)), "-w", str(wav), text],
+                                   check=True, capture_output=True)  # fmt: skip
+                items.append(C.AudioItem(f"synth:espeak/{lang}/{i}", "synth-espeak-ng", "1.51", "generated (espeak-ng)",
+                                         str(wav)))  # fmt: skip
+    if shutil.which("sox"):
+        for i, args in enumerate(C.sox_recipes(spec["sox_sounds"], seed=0)):
+            wav = out / f"sox_{i:03d}.wav"
+            if not wav.exists():
+                subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(wav), *args], check=True,
+                               capture_output=True)  # fmt: skip
+            items.append(C.AudioItem(f"synth:sox/{i}", "synth-sox", "14.4.2", "generated (sox)", str(wav)))
+    return items
+
+
+def list_items(cfg: dict[str, Any]) -> list[tuple[C.AudioItem, int]]:
+    root = Path(cfg["root"])
+    rng = random.Random(cfg["seed"])
+    items: list[tuple[C.AudioItem, int]] = []
+    for spec in cfg["packages"]:
+        found = package_items(spec, root, rng)
+        log(f"{spec['name']}{'/' + spec['tag'] if spec.get('tag') else ''}: {len(found)} files")
+        items += [(item, spec["max_patches"]) for item in found]
+    for spec in cfg["shared"]:
+        found = shared_items(spec, rng)
+        log(f"{spec['name']}: {len(found)} files")
+        items += [(item, spec["max_patches"]) for item in found]
+    if cfg.get("synth"):
+        found = synth_items(cfg["synth"], root, rng)
+        log(f"synthetic: {len(found)} files")
+        items += [(item, cfg["synth"]["max_patches"]) for item in found]
+    return items
+
+
+def label_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: YAMNet, heldout: float,
+              seed: int, first: list[str] = ()) -> None:  # fmt: skip
+    """Label every item not in the cache yet; sources named in `first` go first (scarce environmental sound)."""
+    todo = [(item, cap) for item, cap in items if not cache.has(item.key)]
+    todo.sort(key=lambda pair: 0 if pair[0].source in first else 1)  # stable: the recipe's order otherwise
+    log(f"labelling {len(todo)} of {len(items)} files")
+    for n, (item, cap) in enumerate(todo):
+        try:
+            waveform = C.decode_bytes(item.read_bytes())
+        except Exception as err:  # noqa: BLE001 (a file libsndfile cannot read is reported and skipped)
+            log(f"skip {item.key}: {err}")
+            continue
+        if len(waveform) < 1600 or float(np.abs(waveform).max()) < 1e-4:
+            log(f"skip {item.key}: too short or silent")
+            continue
+        arrays = C.label_waveform(waveform, teacher, cap)
+        cache.put(item, arrays, {"seconds": len(waveform) / C.SAMPLE_RATE, "split": C.split_of(item.key, heldout, seed)})
+        if n % 200 == 0:
+            log(f"  {n}/{len(todo)} {item.key}")
+
+
+def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: YAMNet, cfg: dict[str, Any]) -> None:
+    """Effects (environmental groups) over beds (speech, music, ambience), training files only."""
+    spec = cfg["mixtures"]
+    rng = np.random.default_rng(cfg["seed"] + 1)
+    effects, beds = [], []
+    for item, _ in items:
+        if not cache.has(item.key):
+            continue
+        meta, arrays = cache.get(item.key)
+        if meta["split"] != "train":
+            continue
+        group = np.bincount(C.patch_groups(arrays["scores"]), minlength=len(C.GROUPS)).argmax()
+        if group in ENV_GROUPS:
+            effects.append(item)
+        if group in BED_GROUPS and meta["seconds"] >= 2.0:
+            beds.append(item)
+    log(f"mixtures: {len(effects)} effects, {len(beds)} beds")
+    length = MIN_SAMPLES + (spec["patches"] - 1) * PATCH_HOP_SAMPLES
+    decoded: dict[str, np.ndarray] = {}
+
+    def audio(item: C.AudioItem) -> np.ndarray:
+        if item.key not in decoded:
+            if len(decoded) > 400:
+                decoded.pop(next(iter(decoded)))
+            decoded[item.key] = C.decode_bytes(item.read_bytes())
+        return decoded[item.key]
+
+    for i in range(spec["count"]):
+        effect = effects[int(rng.integers(len(effects)))]
+        bed = beds[int(rng.integers(len(beds)))]
+        snr = float(rng.uniform(*spec["snr_db"]))
+        key = f"mix:{i}:{effect.key}+{bed.key}"
+        if cache.has(key):
+            continue
+        e, b = audio(effect), audio(bed)
+        start = int(rng.integers(0, max(1, len(b) - length)))
+        bed_cut = np.pad(b[start : start + length], (0, max(0, length - len(b[start : start + length]))))
+        e_start = int(rng.integers(0, max(1, len(e) - length // 2)))
+        offset = int(rng.integers(0, length // 2))
+        mixed = C.mix_waveforms(e[e_start:], bed_cut, snr, offset)
+        item = C.AudioItem(key, "mixture", "-", f"mixture of {effect.key} [{effect.license}] and {bed.key} [{bed.license}]",
+                           f"{effect.path} + {bed.path}")  # fmt: skip
+        cache.put(item, C.label_waveform(mixed, teacher, spec["patches"]),
+                  {"seconds": length / C.SAMPLE_RATE, "split": "train", "snr_db": snr})  # fmt: skip
+        if i % 500 == 0:
+            log(f"  mixture {i}/{spec['count']}")
+
+
+def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: dict[str, Any]) -> None:
+    keys = [item.key for item, _ in items] + [p for p in _mixture_keys(cache)]
+    per_split: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
+    manifest, table = [], defaultdict(lambda: {"files": 0, "seconds": 0.0, "patches": 0, "licenses": Counter(),
+                                                "groups": Counter()})  # fmt: skip
+    file_ids: dict[str, int] = {}
+    for key in keys:
+        if not cache.has(key):
+            continue
+        meta, arrays = cache.get(key)
+        split = meta["split"]
+        fid = file_ids.setdefault(key, len(file_ids))
+        groups = C.patch_groups(arrays["scores"])
+        for name in ("patches", "scores", "embeddings"):
+            per_split[split][name].append(arrays[name])
+        per_split[split]["file"].append(np.full(len(groups), fid, dtype=np.int32))
+        per_split[split]["group"].append(groups.astype(np.int8))
+        manifest.append({"id": fid, "key": key, "source": meta["source"], "version": meta["version"],
+                         "license": meta["license"], "seconds": round(meta["seconds"], 3), "split": split,
+                         "patches": int(len(groups))})  # fmt: skip
+        row = table[meta["source"]]
+        row["files"] += 1
+        row["seconds"] += meta["seconds"]
+        row["patches"] += len(groups)
+        row["licenses"][meta["license"] if meta["source"] != "mixture" else "mixture of the above"] += 1
+        row["groups"].update(C.GROUPS[g] for g in groups)
+    out = Path(cfg["shards"])
+    if out.exists():
+        shutil.rmtree(out)
+    for split, parts in per_split.items():
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        names = C.write_shards(out, arrays, split)
+        log(f"{split}: {len(arrays['group'])} patches in {len(names)} shards")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=0))
+    rows = []
+    for source, row in sorted(table.items(), key=lambda kv: -kv[1]["seconds"]):
+        top = ", ".join(f"{g} {n}" for g, n in row["groups"].most_common(4))
+        lic = "; ".join(f"{name}" for name, _ in row["licenses"].most_common(3))
+        rows.append(f"| {source} | {lic} | {row['files']} | {row['seconds'] / 3600:.2f} | {row['patches']} | {top} |")
+    totals = {g: sum(r["groups"][g] for r in table.values()) for g in C.GROUPS}
+    text = ("| source | licence | files | hours | patches | top groups (patches) |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n\nPatches per group: " + ", ".join(f"{g} {n}" for g, n in totals.items()) + "\n")  # fmt: skip
+    (out / "corpus_table.md").write_text(text)
+    log("\n" + text)
+
+
+def _mixture_keys(cache: C.LabelCache) -> list[str]:
+    keys = []
+    for path in sorted((cache.root / "labels").glob("*.npz")):
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+        if meta["source"] == "mixture":
+            keys.append(meta["key"])
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--stage", default="all", choices=["all", "label", "mix", "shard"])
+    args = parser.parse_args(argv)
+    cfg = yaml.safe_load(Path(args.recipe).read_text())["corpus"]
+    cache = C.LabelCache(Path(cfg["root"]))
+    items = list_items(cfg)
+    teacher = YAMNet(cfg["teacher"], num_threads=1, batch_size=64)
+    if args.stage in ("all", "label"):
+        label_all(items, cache, teacher, cfg["heldout_fraction"], cfg["seed"], cfg.get("label_first", []))
+    if args.stage in ("all", "mix"):
+        mix_all(items, cache, teacher, cfg)
+    if args.stage in ("all", "shard"):
+        write_all(items, cache, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

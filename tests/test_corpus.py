@@ -1,0 +1,279 @@
+"""Corpus builder library: Debian copyright parsing (DEP-5), real decoding and teacher labelling of shared clips,
+held-out split by source file, group balancing, mixtures, shards and the synthetic MIDI files."""
+
+from __future__ import annotations
+
+import io
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tympan import audio
+from tympan.data import corpus as C
+
+# ------------------------------------------------------------------------------------------- DEP-5 copyright
+_word = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=12)
+_pattern = st.lists(st.one_of(_word, st.just("*")), min_size=1, max_size=4).map("/".join)
+_license = st.text(alphabet=string.ascii_letters + string.digits + "-.+", min_size=1, max_size=20)
+_paragraph = st.builds(
+    C.CopyrightParagraph,
+    files=st.lists(_pattern, min_size=1, max_size=4).map(tuple),
+    license=_license,
+    copyright=st.lists(st.text(alphabet=string.ascii_letters + " ,0123456789", min_size=1, max_size=30)
+                       .map(str.strip).filter(bool), max_size=3).map("\n".join),  # fmt: skip
+)
+
+
+@given(paragraphs=st.lists(_paragraph, max_size=6), header=st.one_of(st.none(), _license))
+def test_copyright_round_trip(paragraphs, header):
+    document = C.DebianCopyright(True, tuple(paragraphs), header)
+    assert C.parse_copyright(C.render_copyright(document)) == document
+
+
+@given(paragraphs=st.lists(_paragraph, min_size=1, max_size=6), name=_word)
+def test_last_matching_paragraph_wins(paragraphs, name):
+    """DEP-5: the last paragraph whose Files pattern matches decides; ``*`` matches any path, '/' included."""
+    document = C.DebianCopyright(True, (C.CopyrightParagraph(("*",), "FIRST"), *paragraphs))
+    path = f"sounds/{name}.ogg"
+    expected = "FIRST"
+    for p in paragraphs:
+        if any(C._dep5_match(pattern, path) or C._dep5_match(pattern, path.split("/", 1)[1]) for pattern in p.files):
+            expected = p.license
+    assert C.license_for(document, path) == expected
+
+
+def test_license_for_installed_paths_and_real_layout():
+    text = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: example
+
+Files: *
+Copyright: 2001 Someone
+License: GPL-2+
+
+Files: data/sounds/*
+ data/ambient/rain?.ogg
+Copyright: 2010 Someone Else
+License: CC-BY-SA-3.0
+ Long licence text follows here
+ .
+ and more of it.
+
+Files: debian/*
+License: GPL-2+
+
+License: CC-BY-SA-3.0
+ Standalone licence text paragraph.
+"""
+    parsed = C.parse_copyright(text)
+    assert parsed.machine_readable and len(parsed.paragraphs) == 3
+    assert parsed.paragraphs[1].files == ("data/sounds/*", "data/ambient/rain?.ogg")
+    # an installed path matches the source-tree pattern through one of its suffixes
+    assert C.license_for(parsed, "usr/share/games/example/data/sounds/deep/dog.ogg") == "CC-BY-SA-3.0"
+    assert C.license_for(parsed, "./usr/share/games/example/data/ambient/rain1.ogg") == "CC-BY-SA-3.0"
+    assert C.license_for(parsed, "usr/share/games/example/data/ambient/rain12.ogg") == "GPL-2+"
+    assert C.license_for(parsed, "usr/share/doc/example/README") == "GPL-2+"
+
+
+def test_free_form_copyright_is_not_machine_readable():
+    parsed = C.parse_copyright("This package was debianized by someone.\n\nIt is GPL.\n")
+    assert not parsed.machine_readable and parsed.paragraphs == ()
+    assert C.license_for(parsed, "any/file.ogg") is None
+
+
+def test_system_copyright_files_parse():
+    """Real DEP-5 files on this Debian system: every Files paragraph has patterns and a licence."""
+    files = sorted(Path("/usr/share/doc").glob("*/copyright"))[:200]
+    parsed = [C.parse_copyright(p.read_text(errors="replace")) for p in files]
+    readable = [p for p in parsed if p.machine_readable and p.paragraphs]
+    if not readable:
+        pytest.skip("no machine-readable copyright file under /usr/share/doc")
+    for document in readable:
+        for paragraph in document.paragraphs:
+            assert paragraph.files and all(paragraph.files)
+
+
+# ------------------------------------------------------------------------------------------- decoding, labelling
+def test_decode_bytes_matches_audio_load(data_dir):
+    path = data_dir / "esc10" / "audio" / "1-100032-A-0.flac"
+    decoded = C.decode_bytes(path.read_bytes())
+    np.testing.assert_allclose(decoded, audio.load(path), atol=1e-6)
+
+
+def test_decode_resamples_to_16k(data_dir):
+    import soundfile as sf
+
+    path = sorted((data_dir / "mod-sounds" / "sounds").glob("*.ogg"))[0]
+    with sf.SoundFile(io.BytesIO(path.read_bytes())) as f:
+        rate, frames = f.samplerate, f.frames
+    decoded = C.decode_bytes(path.read_bytes())
+    assert decoded.dtype == np.float32 and decoded.ndim == 1
+    assert abs(len(decoded) - frames * 16000 / rate) <= 1
+
+
+def test_find_audio_in_folders_and_zips(tmp_path, data_dir):
+    import zipfile
+
+    source = data_dir / "esc10" / "audio" / "1-100032-A-0.flac"
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "dog.flac").write_bytes(source.read_bytes())
+    (tmp_path / "a" / "notes.txt").write_text("not audio")
+    with zipfile.ZipFile(tmp_path / "pack.zip", "w") as z:
+        z.writestr("audio/x/dog.flac", source.read_bytes())
+        z.writestr("audio/music/song.flac", source.read_bytes())
+    found = C.find_audio(tmp_path, exclude=["audio/music/*"], zips=["pack.zip"])
+    assert [name for name, _ in found] == ["a/b/dog.flac", "audio/x/dog.flac"]
+    item = C.AudioItem("k", "test", "1", "CC-BY-3.0", found[1][1])
+    assert item.read_bytes() == source.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def yamnet(shared_dir, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from tympan.teachers.yamnet import YAMNet
+
+    return YAMNet(shared_dir / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip", num_threads=1, batch_size=16,
+                  cache=tmp_path_factory.mktemp("onnx"))  # fmt: skip
+
+
+def test_label_waveform_real_clip(yamnet, data_dir):
+    """A dog clip: float16 patches equal YAMNet's frontend; the teacher's patch groups are 'animal' (the bark) and
+    'other' (Silence between barks)."""
+    from tympan.teachers.yamnet import log_mel_patches
+
+    waveform = audio.load(data_dir / "esc10" / "audio" / "1-100032-A-0.flac")
+    arrays = C.label_waveform(waveform, yamnet, max_patches=4)
+    assert arrays["patches"].shape == (4, 96, 64) and arrays["patches"].dtype == np.float16
+    assert arrays["scores"].shape == (4, 521) and arrays["embeddings"].shape == (4, 1024)
+    np.testing.assert_array_equal(arrays["index"], C.select_patches(10, 4))
+    reference = log_mel_patches(waveform)[arrays["index"], 0]
+    np.testing.assert_allclose(arrays["patches"].astype(np.float32), reference, atol=5e-3)
+    groups = C.patch_groups(arrays["scores"].astype(np.float32))
+    assert set(C.GROUPS[g] for g in groups) <= {"animal", "other"}
+    assert "animal" in {C.GROUPS[g] for g in groups}
+
+
+def test_label_cache_round_trip(tmp_path):
+    cache = C.LabelCache(tmp_path)
+    item = C.AudioItem("pkg:sounds/a.ogg", "pkg", "1.0", "CC0", "/nowhere/a.ogg")
+    assert not cache.has(item.key)
+    arrays = {"scores": np.arange(6, dtype=np.float16).reshape(2, 3)}
+    cache.put(item, arrays, {"seconds": 1.5, "split": "train"})
+    meta, back = cache.get(item.key)
+    assert cache.has(item.key) and meta["license"] == "CC0" and meta["seconds"] == 1.5
+    np.testing.assert_array_equal(back["scores"], arrays["scores"])
+
+
+# ------------------------------------------------------------------------------------------- groups, splits
+def test_class_groups_follow_the_ontology():
+    groups = C.class_groups()
+    names = {0: "speech", 69: "animal", 132: "music", 283: "nature", 301: "vehicle", 371: "domestic", 390: "alarm",
+             413: "tools", 420: "impacts", 494: "other"}  # fmt: skip
+    for index, name in names.items():
+        assert C.GROUPS[groups[index]] == name
+    assert set(np.unique(groups)) == set(range(len(C.GROUPS)))
+
+
+def test_split_is_stable_and_near_the_fraction():
+    keys = [f"pkg:file{i}.ogg" for i in range(4000)]
+    splits = [C.split_of(k, 0.1) for k in keys]
+    assert splits == [C.split_of(k, 0.1) for k in keys]
+    assert 0.08 < splits.count("heldout") / len(keys) < 0.12
+    assert C.split_of("x", 0.0) == "train" and C.split_of("x", 1.0) == "heldout"
+
+
+@given(groups=st.lists(st.integers(0, len(C.GROUPS) - 1), min_size=1, max_size=300), power=st.floats(0, 1))
+def test_group_weights_give_each_group_its_share(groups, power):
+    groups = np.array(groups)
+    weights = C.group_weights(groups, power)
+    assert np.isclose(weights.sum(), 1.0) and (weights > 0).all()
+    counts = np.bincount(groups, minlength=len(C.GROUPS)).astype(float)
+    share = np.array([weights[groups == g].sum() for g in range(len(C.GROUPS))])
+    expected = np.where(counts > 0, counts**power, 0)
+    np.testing.assert_allclose(share, expected / expected.sum(), rtol=1e-9, atol=1e-12)
+
+
+@given(num=st.integers(1, 500), cap=st.integers(1, 64))
+def test_select_patches(num, cap):
+    index = C.select_patches(num, cap)
+    assert len(index) <= min(num, cap) and (np.diff(index) > 0).all()
+    assert index[0] == 0 and (index[-1] == num - 1 or num == 1 or cap == 1)
+
+
+@settings(max_examples=30)
+@given(snr=st.floats(-10, 20), offset=st.integers(0, 4000), seed=st.integers(0, 1000))
+def test_mixture_snr(snr, offset, seed):
+    rng = np.random.default_rng(seed)
+    bed = (0.05 * rng.standard_normal(8000)).astype(np.float32)
+    effect = (0.01 * rng.standard_normal(3000)).astype(np.float32)
+    mixed = C.mix_waveforms(effect, bed, snr, offset)
+    assert mixed.shape == bed.shape and np.abs(mixed).max() <= 1.0
+    if np.abs(mixed).max() < 0.99:  # not rescaled: the added part has the asked SNR
+        added = mixed - bed
+        piece = added[offset : offset + len(effect)]
+        ratio = 20 * np.log10(np.sqrt(np.mean(piece**2)) / np.sqrt(np.mean(bed**2)))
+        assert abs(ratio - snr) < 1e-3
+        assert np.allclose(added[:offset], 0)
+
+
+def test_shards_round_trip(tmp_path):
+    arrays = {"scores": np.random.default_rng(0).random((25, 4)).astype(np.float16),
+              "group": np.arange(25, dtype=np.int8)}  # fmt: skip
+    names = C.write_shards(tmp_path, arrays, "train", shard_size=10)
+    assert names == ["train-0000.npz", "train-0001.npz", "train-0002.npz"]
+    back = C.load_shards(tmp_path, "train")
+    for key in arrays:
+        np.testing.assert_array_equal(back[key], arrays[key])
+    with pytest.raises(FileNotFoundError):
+        C.load_shards(tmp_path, "heldout")
+
+
+# ------------------------------------------------------------------------------------------- synthesis
+def _read_var_len(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    while True:
+        byte = data[pos]
+        value = (value << 7) | (byte & 0x7F)
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+
+
+@given(value=st.integers(0, 2**28 - 1))
+def test_midi_variable_length(value):
+    assert _read_var_len(C._var_len(value), 0) == (value, len(C._var_len(value)))
+
+
+@given(program=st.integers(0, 127), drums=st.booleans(), notes=st.integers(1, 20))
+def test_general_midi_file_structure(program, drums, notes):
+    data = C.general_midi_file(program, drums=drums, notes=notes)
+    assert data[:4] == b"MThd" and data[14:18] == b"MTrk"
+    length = int.from_bytes(data[18:22], "big")
+    track = data[22:]
+    assert len(track) == length and track.endswith(b"\x00\xff\x2f\x00")
+    pos, ons, offs, program_seen = 0, 0, 0, None
+    while pos < len(track):
+        _, pos = _read_var_len(track, pos)
+        status = track[pos]
+        if status == 0xFF:
+            size = track[pos + 2]
+            pos += 3 + size
+            continue
+        kind, channel = status & 0xF0, status & 0x0F
+        assert channel == (9 if drums else 0)
+        if kind == 0xC0:
+            program_seen = track[pos + 1]
+            pos += 2
+        else:
+            ons += kind == 0x90
+            offs += kind == 0x80
+            pos += 3
+    assert program_seen == program and ons == offs >= notes
+
+
+def test_sox_recipes_are_deterministic():
+    assert C.sox_recipes(12, seed=3) == C.sox_recipes(12, seed=3)
+    assert len(C.sox_recipes(12)) == 12 and all(r[0] == "synth" for r in C.sox_recipes(12))
