@@ -201,7 +201,7 @@ def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: di
         groups = C.patch_groups(arrays["scores"])
         for name in ("patches", "scores", "embeddings"):
             per_split[split][name].append(arrays[name])
-        per_split[split]["file"].append(np.full(len(groups), fid, dtype=np.int32))
+        per_split[split]["file_id"].append(np.full(len(groups), fid, dtype=np.int32))
         per_split[split]["group"].append(groups.astype(np.int8))
         manifest.append({"id": fid, "key": key, "source": meta["source"], "version": meta["version"],
                          "license": meta["license"], "seconds": round(meta["seconds"], 3), "split": split,

@@ -56,6 +56,7 @@ __all__ = [
     "render_copyright",
     "select_patches",
     "split_of",
+    "teacher_agreement",
     "write_shards",
 ]
 
@@ -454,3 +455,33 @@ def sox_recipes(count: int, seed: int = 0) -> list[list[str]]:
         else:
             out.append(["synth", f"{rng.uniform(1, 3):.2f}", noises[i // 4 % 3], "vol", f"{rng.uniform(0.1, 0.6):.2f}"])
     return out
+
+
+# ------------------------------------------------------------------------------------------- agreement
+def teacher_agreement(student_probs: Any, teacher_scores: Any, files: Any) -> dict[str, float]:
+    """How a student agrees with the teacher on labelled patches (``[P, C]`` each) grouped into clips by `files`
+    (``[P]`` source-file ids): patch top-1 match, and per clip (mean over its patches) the top-1 match, the top-5
+    match (the teacher's top class among the student's 5 best) and the mAP of the student's clip scores against
+    the teacher's top-3 classes of that clip (classes never in anyone's top 3 are left out of the mean)."""
+    import torch
+
+    from tympan.eval.metrics import average_precision
+
+    probs = torch.as_tensor(np.asarray(student_probs), dtype=torch.float32)
+    teacher = torch.as_tensor(np.asarray(teacher_scores), dtype=torch.float32)
+    ids = torch.as_tensor(np.asarray(files).astype(np.int64))
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    count = torch.zeros(len(unique)).index_add_(0, inverse, torch.ones(len(ids)))[:, None]
+    student_clip = torch.zeros(len(unique), probs.shape[1]).index_add_(0, inverse, probs) / count
+    teacher_clip = torch.zeros(len(unique), probs.shape[1]).index_add_(0, inverse, teacher) / count
+    top = teacher_clip.argmax(-1)
+    target = torch.zeros_like(teacher_clip).scatter_(1, teacher_clip.topk(3, -1).indices, 1.0)
+    ap = average_precision(student_clip, target)
+    return {
+        "patch_top1": float((probs.argmax(-1) == teacher.argmax(-1)).float().mean()),
+        "clip_top1": float((student_clip.argmax(-1) == top).float().mean()),
+        "clip_top5": float((student_clip.topk(5, -1).indices == top[:, None]).any(-1).float().mean()),
+        "clip_mAP_top3": float(ap[~torch.isnan(ap)].mean()),
+        "clips": int(len(unique)),
+        "patches": int(len(ids)),
+    }

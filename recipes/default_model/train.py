@@ -1,0 +1,192 @@
+"""Train the default model (TymNet) on the corpus shards; run from the repository root.
+
+    python recipes/default_model/train.py recipes/default_model.yaml [--set train.steps=80000] [--export PATH]
+
+Why not ``tympan train``: the trainer works on clips and clip-level teacher logits; this model learns per 0.96 s
+patch from precomputed per-patch teacher scores *and* embeddings (float16 shards from ``build_corpus.py``), drawn
+group-balanced. Everything is determined by (seed, step): batch ``s`` is drawn with a generator seeded from
+``seed`` and ``s``, so a run resumed from ``last.pt`` continues bit-exactly. Checkpoints every few minutes; held-out
+agreement with the teacher (files never trained on) is logged to ``metrics.jsonl``. ``--export`` writes the EMA
+weights as safetensors with a sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from tympan.data import corpus as C
+from tympan.models import create_model
+from tympan.train.objectives import scores_embedding_loss
+
+
+def log(*args: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def load_recipe(path: str, overrides: list[str]) -> dict[str, Any]:
+    recipe = yaml.safe_load(Path(path).read_text())
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        *parents, last = key.split(".")
+        target = recipe
+        for part in parents:
+            target = target[part]
+        if last not in target:
+            raise SystemExit(f"unknown recipe key {key!r}")
+        target[last] = yaml.safe_load(raw)
+    return recipe
+
+
+def lr_at(step: int, cfg: dict[str, Any]) -> float:
+    """Linear warmup then cosine to 1 % of the peak over ``train.steps``."""
+    if step < cfg["warmup_steps"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, cfg["steps"] - cfg["warmup_steps"]))
+    return cfg["lr"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(weights: torch.Tensor, step: int, seed: int, size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.multinomial(weights, size, replacement=True, generator=generator)
+
+
+@torch.no_grad()
+def agreement(model: torch.nn.Module, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """Held-out agreement with the teacher (:func:`tympan.data.corpus.teacher_agreement`) plus the patch cosine
+    between the projected student embedding and the teacher's."""
+    model.eval()
+    logits, projected = [], []
+    for part in torch.from_numpy(data["patches"]).split(512):
+        lg, _, pr = model.patch_outputs(part.float())
+        logits.append(lg)
+        projected.append(pr)
+    out = C.teacher_agreement(torch.sigmoid(torch.cat(logits)), data["scores"].astype(np.float32), data["file_id"])
+    if projected[0] is not None:
+        emb = torch.from_numpy(data["embeddings"]).float()
+        out["patch_cosine"] = float(torch.nn.functional.cosine_similarity(torch.cat(projected), emb).mean())
+    model.train()
+    return out
+
+
+def export(model: torch.nn.Module, path: Path, info: dict[str, Any]) -> None:
+    """EMA weights as safetensors (float32) plus ``<name>.json`` (sha256, config, figures)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "model_id": "tymnet-s"})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    sidecar = {"weights": path.name, "sha256": digest, **info}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    log(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--set", action="append", default=[], help="recipe override key.sub=value (YAML value)")
+    parser.add_argument("--export", help="write the current EMA weights to this .safetensors and exit")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (after a checkpoint) after this long")
+    parser.add_argument("--stop-at", type=int, default=None, help="stop (after a checkpoint) at this step")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.set)
+    cfg, shards = recipe["train"], recipe["corpus"]["shards"]
+    torch.set_num_threads(cfg["threads"])
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+    torch.manual_seed(cfg["seed"])
+    model = create_model(recipe["model"]["id"], **recipe["model"].get("overrides", {}))
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])  # fmt: skip
+    step, trained_seconds = 0, 0.0
+    last = out / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optim.load_state_dict(ckpt["optim"])
+        step, trained_seconds = int(ckpt["step"]), float(ckpt["seconds"])
+        log(f"resumed at step {step} ({trained_seconds / 60:.1f} min trained)")
+    if args.export:
+        export(ema, Path(args.export), {"step": step, "train_minutes": round(trained_seconds / 60, 1)})
+        return 0
+
+    train = C.load_shards(shards, "train")
+    heldout = C.load_shards(shards, "heldout")
+    patches = torch.from_numpy(train["patches"])  # float16 [N, 96, 64]
+    scores = torch.from_numpy(train["scores"])
+    embeddings = torch.from_numpy(train["embeddings"])
+    weights = torch.from_numpy(C.group_weights(train["group"].astype(np.int64), cfg["group_power"]))
+    log(f"train {len(patches)} patches, held-out {len(heldout['patches'])}; step {step}/{cfg['steps']}")
+
+    def save() -> None:
+        tmp = out / "last.pt.tmp"
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(), "step": step,
+                    "seconds": trained_seconds}, tmp)  # fmt: skip
+        tmp.replace(last)
+
+    model.train()
+    started, last_save, window = time.perf_counter(), time.perf_counter(), []
+    metrics = (out / "metrics.jsonl").open("a")
+    while step < cfg["steps"]:
+        t0 = time.perf_counter()
+        index = batch_indices(weights, step, cfg["seed"], cfg["batch_size"])
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        logits, _, projected = model.patch_outputs(patches[index].float())
+        loss, logs = scores_embedding_loss(logits, projected, scores[index], embeddings[index], cfg["embed_weight"])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        with torch.no_grad():
+            d = min(cfg["ema"], (1 + step) / (10 + step))
+            for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+                if e.dtype.is_floating_point:
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+                else:
+                    e.copy_(p)
+        step += 1
+        trained_seconds += time.perf_counter() - t0
+        window.append(logs)
+        if step % 100 == 0:
+            mean = {k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]}
+            log(f"step {step} lr {lr_at(step, cfg):.2e} {mean} ({trained_seconds / 60:.1f} min)")
+            window = []
+        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+            figures = agreement(ema, heldout)
+            record = {"step": step, "minutes": round(trained_seconds / 60, 2), **figures}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            log(f"held-out (EMA): {record}")
+        if time.perf_counter() - last_save > cfg["checkpoint_minutes"] * 60 or step == cfg["steps"]:
+            save()
+            last_save = time.perf_counter()
+        if (args.max_minutes is not None and time.perf_counter() - started > args.max_minutes * 60) or (
+            args.stop_at is not None and step >= args.stop_at
+        ):
+            save()
+            log(f"stopping at step {step}")
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
