@@ -119,9 +119,20 @@ def list_items(cfg: dict[str, Any]) -> list[tuple[C.AudioItem, int]]:
 
 def label_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: YAMNet, heldout: float,
               seed: int, first: list[str] = ()) -> None:  # fmt: skip
-    """Label every item not in the cache yet; sources named in `first` go first (scarce environmental sound)."""
-    todo = [(item, cap) for item, cap in items if not cache.has(item.key)]
-    todo.sort(key=lambda pair: 0 if pair[0].source in first else 1)  # stable: the recipe's order otherwise
+    """Label every item not in the cache yet. Sources named in `first` go first (scarce environmental sound); the
+    rest are interleaved round-robin over sources in a seeded random order, so a run stopped at any point has
+    labelled a balanced sample of every source."""
+    rng = random.Random(seed)
+    per_source: dict[str, list[int]] = defaultdict(list)
+    for n, (item, _) in enumerate(items):
+        per_source[item.source].append(n)
+    rank = {}
+    for source, members in per_source.items():
+        order = members[:]
+        rng.shuffle(order)
+        rank.update({n: r for r, n in enumerate(order)})
+    order = sorted(range(len(items)), key=lambda n: (items[n][0].source not in first, rank[n], n))
+    todo = [items[n] for n in order if not cache.has(items[n][0].key)]
     log(f"labelling {len(todo)} of {len(items)} files")
     for n, (item, cap) in enumerate(todo):
         try:

@@ -29,6 +29,7 @@ import subprocess
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -233,9 +234,14 @@ class AudioItem:
     def read_bytes(self) -> bytes:
         if "::" in self.path:
             archive, member = self.path.split("::", 1)
-            with zipfile.ZipFile(archive) as z:
-                return z.read(member)
+            return _open_zip(archive).read(member)
         return Path(self.path).read_bytes()
+
+
+@lru_cache(maxsize=4)
+def _open_zip(path: str) -> zipfile.ZipFile:
+    """Zip archives stay open: reading the directory of 0 A.D.'s 3 GB ``public.zip`` takes half a second."""
+    return zipfile.ZipFile(path)
 
 
 def _selected(relative: str, include: Sequence[str], exclude: Sequence[str]) -> bool:

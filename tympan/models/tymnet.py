@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tympan.models.protocol import AudioModel, Embeddings, State, in_groups
 from tympan.models.registry import ModelEntry, Weights, register_model
 
-__all__ = ["DSBlock", "TymNet", "YAMNetLogMel", "LABELS_CSV"]
+__all__ = ["ChecksumError", "DSBlock", "LABELS_CSV", "TymNet", "YAMNetLogMel", "load_shipped"]
 
 SAMPLE_RATE = 16000
 WINDOW, HOP, NFFT, NUM_MELS = 400, 160, 512, 64
@@ -250,3 +250,28 @@ register_model(
         test_config=dict(channels=(8, 16, 16), strides=(2, 2), teacher_dim=32),
     )
 )
+
+
+# ------------------------------------------------------------------------------------------ shipped weights
+class ChecksumError(ValueError):
+    """A weights file whose SHA-256 differs from the one its sidecar records."""
+
+
+def load_shipped(weights: str | Path | None = None, **overrides: Any) -> TymNet:
+    """The shipped default model from package data, offline: the sidecar ``<weights>.json`` names the file and
+    its SHA-256, which is checked before the tensors are read (a changed file raises :class:`ChecksumError`)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(weights) if weights is not None else _WEIGHTS_FILE.with_name(json.loads(_WEIGHTS_FILE.read_text())["weights"])
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sidecar["sha256"]:
+        raise ChecksumError(f"{path}: SHA-256 {digest} does not match {sidecar['sha256']} in its sidecar")
+    from tympan.models.registry import create_model
+
+    model = create_model("tymnet-s", **{**sidecar.get("config", {}), **overrides})
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
