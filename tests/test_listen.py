@@ -84,7 +84,7 @@ def test_sources_deliver_the_exact_samples(data_dir):
     np.testing.assert_array_equal(np.concatenate([b.samples for b in blocks]), reference)
     assert all(a.time <= b.time for a, b in zip(blocks, blocks[1:]))
     played = list(FileSource(clip, realtime=False))
-    assert {len(b.samples) for b in played[:-1]} == {800}  # 50 ms blocks, as the microphone's
+    assert {len(b.samples) for b in played[:-1]} == {160}  # 10 ms blocks, as the microphone's
     np.testing.assert_array_equal(np.concatenate([b.samples for b in played]), reference)
 
 
@@ -135,6 +135,7 @@ def test_ctrl_c_flushes_and_summarises(tmp_path, data_dir, sat_checkpoint):
     listen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         first = listen.stdout.readline()  # the first chunk is out: interrupt mid-stream (real-time pace)
+        threading.Event().wait(0.5)  # let a partial chunk build up (not a timing assertion: any delay passes)
         listen.send_signal(signal.SIGINT)
         rest, err = listen.communicate(timeout=120)
     finally:
@@ -145,7 +146,9 @@ def test_ctrl_c_flushes_and_summarises(tmp_path, data_dir, sat_checkpoint):
     summary = err.decode().splitlines()[-1]
     live = live_chunks(first + rest)
     assert summary.startswith(f"tympan listen: {len(live)} chunks, ") and "latency median" in summary
-    assert live[-1]["end"] == pytest.approx(len(sf.read(out)[0]) / 16000)  # the partial chunk was flushed
+    duration = len(sf.read(out)[0]) / 16000
+    # the partial chunk was flushed, unless shorter than a SAT patch (0.15 s), which `tag` drops too
+    assert live[-1]["end"] == pytest.approx(duration) or duration - live[-1]["end"] <= 0.15
     assert_same_tags(live, tag_chunks(out, sat_checkpoint))
 
 

@@ -546,8 +546,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=16000, metavar="R",
                    help="stdin sample rate in Hz, resampled to 16 kHz (default 16000)")
     p.add_argument("--fast", action="store_true", help="play a file as fast as possible instead of in real time")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads (default: torch's; 1 keeps a small model's CPU use steady on a busy machine)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads (default 1: a small streaming model gains nothing from more, and spinning "
+                   "workers cost CPU and, on a busy machine, latency; raise it for large models)")
 
 
 def _listen_source(args: argparse.Namespace):
@@ -605,12 +606,11 @@ def _run_listen(args: argparse.Namespace) -> int:
         source = _listen_source(args)
         if source.buffers_early:
             source.start()  # a pipe is drained into memory while the model loads
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UserError("--threads must be at least 1")
-            import torch
+        if args.threads < 1:
+            raise UserError("--threads must be at least 1")
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
         args.model = args.model or live.default_model()
         model = _load_model(args)
         try:

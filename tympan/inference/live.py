@@ -50,6 +50,9 @@ SAMPLE_RATE = 16000
 FALLBACK_MODEL = "sat-tiny-2s"
 PCM_ENCODINGS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 _POLL_SECONDS = 0.05  # how often a waiting source looks at its stop flag
+# Capture/replay block: a chunk closing inside a block waits for the block's end, so this bounds the latency it adds
+# (10 ms = 160 samples divides every chunk length in use: 0.48 s, 1 s, 2 s).
+BLOCK_SECONDS = 0.01
 
 
 def default_model() -> str:
@@ -226,7 +229,7 @@ class FileSource(Source):
     """An audio file replayed in ``block_seconds`` blocks, each released when real time reaches its end (or at once
     with ``realtime=False``); decoded and resampled as ``tympan tag`` does (``tympan.audio.stream``)."""
 
-    def __init__(self, path: str | os.PathLike, realtime: bool = True, block_seconds: float = 0.05):
+    def __init__(self, path: str | os.PathLike, realtime: bool = True, block_seconds: float = BLOCK_SECONDS):
         super().__init__()
         from tympan import audio
 
@@ -295,7 +298,7 @@ class MicrophoneSource(_QueuedSource):
     :attr:`dropped`.
     """
 
-    def __init__(self, device: str | int | None = None, block_seconds: float = 0.05):
+    def __init__(self, device: str | int | None = None, block_seconds: float = BLOCK_SECONDS):
         self._sd = _sounddevice()
         self.device = _parse_device(device)
         try:
