@@ -45,6 +45,7 @@ __all__ = [
     "OPSET",
     "ExportReport",
     "OnnxModel",
+    "export_cache_path",
     "export_graph",
     "default_model_id",
     "export_onnx",
@@ -167,15 +168,28 @@ def example_samples(model: AudioModel) -> int:
     """Length of the export example: 0.9 of a streaming chunk (a chunk longer than the model's is cut into pieces,
     which would fix the traced length), half a window (so x1.3 still fits), or 4 s."""
     if model.streaming:
-        return int(0.9 * model.chunk_samples)
+        return next((n for n in (int(0.9 * model.chunk_samples), model.chunk_samples) if _steps_on(model, n)),
+                    model.chunk_samples)
     if model.window_samples:
         return max(int(model.window_samples) // 2, 2 * int(model.min_samples))
     return max(UNWINDOWED_EXAMPLE_SAMPLES, 2 * int(model.min_samples))
 
 
-def stream_chunk_samples(model: AudioModel | "OnnxModel") -> int:
-    """The chunk ``tag`` feeds a streaming model: its own chunk rounded up to whole seconds (2 s for SAT-2s)."""
-    return math.ceil(model.chunk_samples / model.sample_rate) * model.sample_rate
+def stream_chunk_samples(model: AudioModel) -> int:
+    """The chunk ``tag`` feeds a streaming model: its own chunk rounded up to whole seconds (2 s for SAT-2s), or
+    exactly its chunk when its step takes nothing else."""
+    rounded = math.ceil(model.chunk_samples / model.sample_rate) * model.sample_rate
+    return rounded if _steps_on(model, rounded) else model.chunk_samples
+
+
+def _steps_on(model: AudioModel, samples: int) -> bool:
+    """Whether ``model.step`` accepts a chunk of ``samples`` (some steps take exactly ``chunk_samples``)."""
+    try:
+        with torch.no_grad():
+            model.step(_waveform(1, samples, 0), model.init_state(1))
+    except ValueError:
+        return False
+    return True
 
 
 def _waveform(batch: int, samples: int, seed: int) -> Tensor:
@@ -273,7 +287,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, frontend: bool = T
         inputs: tuple[Tensor, ...] = (_waveform(EXAMPLE_BATCH, samples, 0), *state)
         input_names = ["chunk"] + [f"state_{i}" for i in range(len(state))]
         output_names = graph.output_names(len(state))
-        dynamic: tuple[Any, ...] = ({0: dim, 1: dim}, tuple({axis: dim} for axis in _state_batch_axes(model)))
+        # a step may take exactly chunk_samples (the samples axis then stays static: AUTO), any batch
+        dynamic: tuple[Any, ...] = ({0: dim, 1: torch.export.Dim.AUTO},
+                                    tuple({axis: dim} for axis in _state_batch_axes(model)))
     else:
         graph = WindowGraph(model, frontend)
         x = _waveform(EXAMPLE_BATCH, samples, 0)
@@ -303,6 +319,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, frontend: bool = T
         np.savez(state_path, **{name: t.detach().float().contiguous().numpy()
                                 for name, t in zip(input_names[1:], model.init_state(1))})
         metadata["tympan.state_batch_axes"] = json.dumps(_state_batch_axes(model))
+        metadata["tympan.stream_chunk_samples"] = str(stream_chunk_samples(model))
+        metadata["tympan.stream_partial"] = str(int(_steps_on(model, int(model.chunk_samples * min(VERIFY_SCALES)))))
     metadata.update(_metadata(model, kind, frontend, samples, state_path))
     proto = program.model_proto
     for key, value in metadata.items():
@@ -385,7 +403,8 @@ def verify_onnx(model: nn.Module, report: ExportReport, *, scales: Sequence[floa
             stored = np.load(report.state_path)
             state_ort = [np.ascontiguousarray(stored[k]) for k in stored.files]
             state_pt = tuple(t.detach() for t in model.init_state(1))
-            lengths = [stream_chunk_samples(model)] * STREAM_STEPS + [int(model.chunk_samples * min(scales))]
+            full, short = stream_chunk_samples(model), int(model.chunk_samples * min(scales))
+            lengths = [full] * STREAM_STEPS + ([short] if _steps_on(model, short) else [])
             for i, samples in enumerate(lengths):
                 x = _waveform(1, samples, 100 + i)
                 (ref, *new_pt), t_pt = _timed(lambda: graph(x, *state_pt), repeats)
@@ -450,6 +469,8 @@ class OnnxModel:
         self.min_samples: int = int(self.facts.get("min_samples") or 1)
         self.chunk_samples: int | None = self.facts.get("chunk_samples")
         self.streaming = self.kind == "streaming"
+        self.stream_chunk_samples = int(meta.get("tympan.stream_chunk_samples") or self.chunk_samples or 0)
+        self.stream_partial = meta.get("tympan.stream_partial") == "1"
         self.session = _session(self.path, threads)
         self.input_name = _input_name(self.session)
         if self.input_name != "waveform" and not self.streaming:
@@ -515,12 +536,12 @@ def onnx_tag_file(runner: OnnxModel, path: str | os.PathLike, chunk_seconds: flo
     if not runner.has_head:
         raise ValueError(f"{runner.model_id} is an encoder without a classification head: it has no tags to give")
     if chunk_seconds is None:
-        chunk_seconds = (stream_chunk_samples(runner) / runner.sample_rate if runner.streaming
+        chunk_seconds = (runner.stream_chunk_samples / runner.sample_rate if runner.streaming
                          else round((runner.window_samples or 10 * runner.sample_rate) / runner.sample_rate, 2))
     chunk = int(chunk_seconds * runner.sample_rate)
-    if runner.streaming and not runner.chunk_samples <= chunk <= stream_chunk_samples(runner):
+    if runner.streaming and not runner.chunk_samples <= chunk <= runner.stream_chunk_samples:
         raise ValueError(f"the exported step of {runner.model_id} reads chunks of {runner.chunk_samples} to "
-                         f"{stream_chunk_samples(runner)} samples; use --backend torch for {chunk_seconds:g} s chunks")
+                         f"{runner.stream_chunk_samples} samples; use --backend torch for {chunk_seconds:g} s chunks")
     tags = FileTags(str(path))
     state = runner.init_state(1) if runner.streaming else None
     pending = np.zeros(0, np.float32)
@@ -544,29 +565,33 @@ def onnx_tag_file(runner: OnnxModel, path: str | os.PathLike, chunk_seconds: flo
         while pending.shape[0] >= chunk:
             score(pending[:chunk], True)
             pending = pending[chunk:]
-    if pending.shape[0] > runner.min_samples:
+    if pending.shape[0] > runner.min_samples and (runner.stream_partial or not runner.streaming):
         score(pending, False)
     if not tags.chunk_probs:
         raise ValueError(f"{path}: too short to tag")
     return tags
 
 
-def cached_export(model: nn.Module, checkpoint: str | os.PathLike | None = None,
-                  directory: str | os.PathLike | None = None) -> Path:
-    """The verified ONNX file of ``model`` in the cache (exported and verified on first use).
-
-    Keyed by the model id, its config and a digest of its weights, so another checkpoint gets its own file.
-    """
+def export_cache_path(model: nn.Module, directory: str | os.PathLike | None = None) -> Path:
+    """Where :func:`cached_export` keeps ``model``'s graph: ``<cache>/onnx/<id>-<digest>.onnx``, the digest over the
+    model's config and weights (another checkpoint gets its own file)."""
     from tympan.checkpoints import cache_dir
 
-    model = audio_model(model).eval()
+    model = audio_model(model)
     digest = hashlib.sha256()
     digest.update(json.dumps(getattr(model, "tympan_config", {}), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     folder = Path(directory) if directory is not None else cache_dir() / "onnx"
-    path = folder / f"{getattr(model, 'tympan_id', 'model')}-{digest.hexdigest()[:16]}.onnx"
+    return folder / f"{getattr(model, 'tympan_id', 'model')}-{digest.hexdigest()[:16]}.onnx"
+
+
+def cached_export(model: nn.Module, directory: str | os.PathLike | None = None) -> Path:
+    """The verified ONNX file of ``model`` in the cache (:func:`export_cache_path`), exported and verified on first
+    use; an export that does not match PyTorch raises :class:`ExportError` and is not kept."""
+    model = audio_model(model).eval()
+    path = export_cache_path(model, directory)
     if not path.is_file():
         tmp = path.with_name(path.stem + ".tmp.onnx")
         report = verify_onnx(model, export_onnx(model, tmp))
