@@ -176,3 +176,77 @@ def test_bad_backend_raises():
         selective_scan(**inputs, backend="triton")
     with pytest.raises(ValueError, match="cuda"):
         selective_scan(**inputs, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------ fused CPU kernel
+
+from tympan.ops import fused_scan  # noqa: E402
+from tympan.ops.selective_scan import grouped_state_matrix  # noqa: E402
+
+needs_fused = pytest.mark.skipif(not fused_scan.available(), reason=f"fused scan: {fused_scan.build_error()}")
+
+
+def _fused(inputs: dict, softplus: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    u = inputs["u"]
+    b, d, length = u.shape
+    B = grouped_state_matrix(inputs["B"], b, d, length)
+    C = grouped_state_matrix(inputs["C"], b, d, length)
+    return fused_scan.fused_scan_forward(u, inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"],
+                                         inputs["delta_bias"], softplus, True)
+
+
+@needs_fused
+@pytest.mark.parametrize("state", [1, 3])
+@pytest.mark.parametrize("bc", ["grouped", "shared", "fixed"])
+@pytest.mark.parametrize("length, per_group", [(1, 1), (37, 3), (513, 5), (1100, 9)])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_fused_kernel_matches_float64_reference(state, bc, length, per_group, softplus):
+    """Tile boundaries (512 steps), channel blocks of 8 with remainders, group boundaries inside a block."""
+    inputs = make_inputs(batch=2, groups=2, per_group=per_group, state=state, length=length, bc=bc,
+                         dtype=torch.float32, seed=length + state)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()
+        inputs["delta_bias"] = inputs["delta_bias"].abs()
+    y, last = _fused(inputs, softplus)
+    y64, last64 = selective_scan_reference(**{k: v.double() for k, v in inputs.items()}, delta_softplus=softplus,
+                                           return_last_state=True)
+    assert y.dtype == torch.float32 and last.shape == last64.shape
+    assert_close(y, y64, atol=2e-5, rtol=1e-5)
+    assert_close(last, last64, atol=2e-5, rtol=1e-5)
+
+
+@needs_fused
+def test_fused_kernel_optional_inputs_and_extremes():
+    """No D / z / bias; softplus inputs far past the threshold of 20 and far below zero; large gates."""
+    inputs = make_inputs(batch=1, groups=1, per_group=10, state=1, length=300, dtype=torch.float32,
+                         with_D=False, with_z=False, with_bias=False)
+    inputs["delta"][0, :, ::3] = 60.0
+    inputs["delta"][0, :, 1::3] = -90.0
+    y, _ = _fused(inputs)
+    y64 = selective_scan_reference(**{k: None if v is None else v.double() for k, v in inputs.items()},
+                                   delta_softplus=True)
+    assert torch.isfinite(y).all()
+    assert_close(y, y64, atol=2e-5, rtol=1e-5)
+    inputs = make_inputs(batch=1, groups=1, per_group=4, state=1, length=64, dtype=torch.float32)
+    inputs["z"] = torch.linspace(-200, 200, 64).expand(1, 4, 64).contiguous()
+    y, _ = _fused(inputs)
+    y64 = selective_scan_reference(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
+    assert torch.isfinite(y).all()
+    assert_close(y, y64, atol=1e-4, rtol=1e-5)
+
+
+@needs_fused
+def test_chunked_inference_uses_the_fused_kernel_for_state_size_one(monkeypatch):
+    inputs = make_inputs(batch=2, groups=4, per_group=8, state=1, length=700, dtype=torch.float32)
+    calls = []
+    original = fused_scan.fused_scan_forward
+    monkeypatch.setattr(fused_scan, "fused_scan_forward", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        y = selective_scan(**inputs, delta_softplus=True)
+    assert calls, "float32 N=1 inference did not take the fused kernel"
+    y_eager = selective_scan_chunked(**inputs, delta_softplus=True, chunk_size=16)  # an explicit plan: eager
+    assert len(calls) == 1
+    assert_close(y, y_eager, atol=2e-5, rtol=1e-5)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    selective_scan(**leaves, delta_softplus=True).sum().backward()  # training keeps the autograd path
+    assert len(calls) == 1 and all(v.grad is not None for v in leaves.values())

@@ -20,6 +20,10 @@ Backward (:class:`_SelectiveScanFn`) walks the blocks in reverse, recomputes eac
 block-start state saved in forward, runs the adjoint recurrence ``G_t = C_t dy_t + a_{t+1} G_{t+1}`` with the
 same chunked scan (``reverse=True``) and forms every gradient in the block, so training memory is linear in
 L too.
+
+Inference with float32 CPU inputs and state size 1 (DASS) goes to :mod:`tympan.ops.fused_scan` (one compiled C
+loop per channel, fusing softplus, exp, the scan and the gate) when a C compiler is there; otherwise, and for
+float64, N > 1, training and explicit plans, the blocked algorithm above runs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tympan.ops import fused_scan
 from tympan.ops.selective_scan import _check_inputs, compute_dtype, grouped_state_matrix
 
 # Elements of state ([steps, b, d, n]) handled per block and per vectorised scan step (tuned on a 2-core Zen 4).
@@ -288,6 +293,14 @@ class _SelectiveScanFn(torch.autograd.Function):
                 grads["delta_bias"], None, None, None)
 
 
+def _use_fused(args: tuple, chunk_size: int | None, block_size: int | None) -> bool:
+    """The fused kernel serves float32 CPU inference with state size 1 (DASS) and the automatic plan."""
+    u, A = args[0], args[2]
+    return (chunk_size is None and block_size is None and u.dtype == torch.float32 and u.device.type == "cpu"
+            and A.shape[1] == 1 and u.numel() > 0 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not isinstance(u, torch._subclasses.FakeTensor) and fused_scan.available())
+
+
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                            z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                            return_last_state: bool = False, *, chunk_size: int | None = None,
@@ -310,6 +323,8 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
             block_size)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
         y, last = _SelectiveScanFn.apply(*args)
+    elif _use_fused(args, chunk_size, block_size):  # inference on the CPU: the fused C loop
+        y, last = fused_scan.fused_scan_forward(*args[:9], return_last_state)
     else:  # inference (and tracing for export): the plain forward, no autograd.Function
         y, last, _ = _scan_forward(*args)
     y = y.to(out_dtype)

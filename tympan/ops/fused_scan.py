@@ -1,0 +1,364 @@
+"""Fused CPU selective scan (forward, float32): one C loop per channel, compiled once with the system C compiler.
+
+Eager PyTorch spends the N=1 scan (DASS) on separate passes for bias + softplus, exp, the products, layout moves
+and the scan steps, each over the whole [b, d, L] tensor. Here each channel is one pass over time in tiles of
+``TILE`` steps, all in cache:
+
+1. vectorised over the tile: ``dt = softplus(delta + bias)``, ``dt * u`` and the decays ``exp(dt * A_k)``;
+2. the recurrence ``h_k = a_k h_k + (dt u) B_k`` and ``y = sum_k C_k h_k`` step by step (scalar, one FMA chain
+   per state; the N states of a step are independent);
+3. vectorised: the ``D * u`` skip and the SiLU(z) gate, written straight to ``y``.
+
+exp and log1p are short polynomials (Cephes-style range reduction, about 1 ulp; the softplus is the stable
+``max(x, 0) + log1p(exp(-|x|))`` with torch's threshold of 20) so the compiler vectorises them with no
+fast-math flag (which could change the process's float environment). Channels are split over
+``torch.get_num_threads()`` Python threads; ctypes releases the GIL during each call. Memory: the inputs, ``y``
+and a few tile buffers per thread, linear in L.
+
+The library is built on first use into ``$TYMPAN_CACHE/kernels`` (default ``~/.cache/tympan/kernels``), keyed by
+the source, the flags, the compiler and the CPU; without a working compiler (``$CC``, ``cc``, ``gcc`` or
+``clang``) or with ``TYMPAN_FUSED_SCAN=0`` :func:`available` is False and callers use the eager path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "fused_scan_forward", "build_error"]
+
+TILE = 512
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11"]
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+
+#define TILE %(tile)d
+
+static inline float exp_poly(float x) {
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.37626f ? 88.37626f : x;
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = __builtin_fmaf(n, -0.693359375f, x);
+    r = __builtin_fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+    p = __builtin_fmaf(p, r * r, r) + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return p * s;
+}
+
+/* log1p(t) for t in [0, 1]: 2 atanh(s), s = t / (2 + t) <= 1/3, odd series to s^15 (relative error < 2e-9). */
+static inline float log1p_unit(float t) {
+    float s = t / (2.0f + t);
+    float s2 = s * s;
+    float q = 1.0f / 15.0f;
+    q = __builtin_fmaf(q, s2, 1.0f / 13.0f);
+    q = __builtin_fmaf(q, s2, 1.0f / 11.0f);
+    q = __builtin_fmaf(q, s2, 1.0f / 9.0f);
+    q = __builtin_fmaf(q, s2, 1.0f / 7.0f);
+    q = __builtin_fmaf(q, s2, 1.0f / 5.0f);
+    q = __builtin_fmaf(q, s2, 1.0f / 3.0f);
+    q = __builtin_fmaf(q, s2, 1.0f);
+    return 2.0f * s * q;
+}
+
+static inline float softplus20(float x) {
+    float ax = x < 0.0f ? -x : x;
+    float pos = x > 0.0f ? x : 0.0f;
+    float v = pos + log1p_unit(exp_poly(-ax));
+    return x > 20.0f ? x : v;
+}
+
+/* N = 1: CB channels at a time, so the CB recurrences (one FMA chain each) overlap in the core. */
+#define CB 8
+static void scan_n1(int64_t c0, int64_t c1, int64_t channels, int64_t length, int64_t per_group,
+                    const float *u, const float *delta, const float *A,
+                    const float *B, int64_t sb0, int64_t sb1, int64_t sb3,
+                    const float *C, int64_t sc0, int64_t sc1, int64_t sc3,
+                    const float *Dskip, const float *z, const float *bias, int softplus,
+                    float *y, float *last, float *work) {
+    float *dec = work, *x = work + CB * TILE, *dt = work + 2 * CB * TILE;
+    for (int64_t first = c0; first < c1; first += CB) {
+        int64_t m = c1 - first < CB ? c1 - first : CB;
+        float h[CB];
+        for (int64_t j = 0; j < CB; ++j) h[j] = 0.0f;
+        for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+            int64_t n = length - t0 < TILE ? length - t0 : TILE;
+            for (int64_t j = 0; j < m; ++j) {
+                int64_t ch = first + j, b = ch / channels, c = ch %% channels, g = c / per_group;
+                const float *u_t = u + ch * length + t0, *d_t = delta + ch * length + t0;
+                const float *B_t = B + b * sb0 + g * sb1 + t0 * sb3;
+                float bias_c = bias ? bias[c] : 0.0f, a_c = A[c];
+                float *dec_j = dec + j * TILE, *x_j = x + j * TILE;
+                if (softplus) {
+                    for (int64_t t = 0; t < n; ++t) dt[t] = softplus20(d_t[t] + bias_c);
+                } else {
+                    for (int64_t t = 0; t < n; ++t) dt[t] = d_t[t] + bias_c;
+                }
+                for (int64_t t = 0; t < n; ++t) dec_j[t] = exp_poly(dt[t] * a_c);
+                if (sb3 == 1) {
+                    for (int64_t t = 0; t < n; ++t) x_j[t] = dt[t] * u_t[t] * B_t[t];
+                } else {
+                    for (int64_t t = 0; t < n; ++t) x_j[t] = dt[t] * u_t[t] * B_t[t * sb3];
+                }
+            }
+            if (m == CB) {
+                for (int64_t t = 0; t < n; ++t) {
+                    for (int64_t j = 0; j < CB; ++j) {
+                        h[j] = __builtin_fmaf(dec[j * TILE + t], h[j], x[j * TILE + t]);
+                        x[j * TILE + t] = h[j];
+                    }
+                }
+            } else {
+                for (int64_t t = 0; t < n; ++t) {
+                    for (int64_t j = 0; j < m; ++j) {
+                        h[j] = __builtin_fmaf(dec[j * TILE + t], h[j], x[j * TILE + t]);
+                        x[j * TILE + t] = h[j];
+                    }
+                }
+            }
+            for (int64_t j = 0; j < m; ++j) {
+                int64_t ch = first + j, b = ch / channels, c = ch %% channels, g = c / per_group;
+                const float *u_t = u + ch * length + t0, *C_t = C + b * sc0 + g * sc1 + t0 * sc3;
+                const float *hs = x + j * TILE;
+                float *y_t = y + ch * length + t0;
+                float D_c = Dskip ? Dskip[c] : 0.0f;
+                if (sc3 == 1) {
+                    for (int64_t t = 0; t < n; ++t) y_t[t] = __builtin_fmaf(D_c, u_t[t], C_t[t] * hs[t]);
+                } else {
+                    for (int64_t t = 0; t < n; ++t) y_t[t] = __builtin_fmaf(D_c, u_t[t], C_t[t * sc3] * hs[t]);
+                }
+                if (z) {
+                    const float *z_t = z + ch * length + t0;
+                    for (int64_t t = 0; t < n; ++t) y_t[t] *= z_t[t] / (1.0f + exp_poly(-z_t[t]));
+                }
+            }
+        }
+        if (last) for (int64_t j = 0; j < m; ++j) last[first + j] = h[j];
+    }
+}
+
+/* Any N, one channel at a time; channels [c0, c1) of the flattened [batch * channels]; strides in elements. */
+static void scan_any(int64_t c0, int64_t c1, int64_t channels, int64_t length, int64_t nstate, int64_t per_group,
+                     const float *u, const float *delta, const float *A,
+                     const float *B, int64_t sb0, int64_t sb1, int64_t sb2, int64_t sb3,
+                     const float *C, int64_t sc0, int64_t sc1, int64_t sc2, int64_t sc3,
+                     const float *Dskip, const float *z, const float *bias, int softplus,
+                     float *y, float *last, float *work) {
+    float *dt = work, *du = work + TILE, *ypre = work + 2 * TILE;
+    float *decay = work + 3 * TILE, *h = decay + (size_t)TILE * nstate;
+    for (int64_t ch = c0; ch < c1; ++ch) {
+        int64_t b = ch / channels, c = ch %% channels, g = c / per_group;
+        const float *u_c = u + ch * length, *d_c = delta + ch * length;
+        const float *z_c = z ? z + ch * length : 0;
+        float *y_c = y + ch * length;
+        const float *A_c = A + c * nstate;
+        const float *B_c = B + b * sb0 + g * sb1, *C_c = C + b * sc0 + g * sc1;
+        float bias_c = bias ? bias[c] : 0.0f, D_c = Dskip ? Dskip[c] : 0.0f;
+        for (int64_t k = 0; k < nstate; ++k) h[k] = 0.0f;
+        for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+            int64_t n = length - t0 < TILE ? length - t0 : TILE;
+            const float *u_t = u_c + t0, *d_t = d_c + t0;
+            if (softplus) {
+                for (int64_t t = 0; t < n; ++t) dt[t] = softplus20(d_t[t] + bias_c);
+            } else {
+                for (int64_t t = 0; t < n; ++t) dt[t] = d_t[t] + bias_c;
+            }
+            for (int64_t t = 0; t < n; ++t) du[t] = dt[t] * u_t[t];
+            for (int64_t k = 0; k < nstate; ++k) {
+                float a_k = A_c[k];
+                float *dk = decay + k * TILE;
+                for (int64_t t = 0; t < n; ++t) dk[t] = exp_poly(dt[t] * a_k);
+            }
+            for (int64_t t = 0; t < n; ++t) {
+                float acc = 0.0f, xx = du[t];
+                int64_t tb = (t0 + t) * sb3, tc = (t0 + t) * sc3;
+                for (int64_t k = 0; k < nstate; ++k) {
+                    float hk = __builtin_fmaf(decay[k * TILE + t], h[k], xx * B_c[k * sb2 + tb]);
+                    h[k] = hk;
+                    acc = __builtin_fmaf(C_c[k * sc2 + tc], hk, acc);
+                }
+                ypre[t] = acc;
+            }
+            float *y_t = y_c + t0;
+            if (z_c) {
+                const float *z_t = z_c + t0;
+                for (int64_t t = 0; t < n; ++t)
+                    y_t[t] = __builtin_fmaf(D_c, u_t[t], ypre[t]) * (z_t[t] / (1.0f + exp_poly(-z_t[t])));
+            } else {
+                for (int64_t t = 0; t < n; ++t) y_t[t] = __builtin_fmaf(D_c, u_t[t], ypre[t]);
+            }
+        }
+        if (last) memcpy(last + ch * nstate, h, sizeof(float) * nstate);
+    }
+}
+
+/* Entry: channels [c0, c1) of the flattened [batch * channels]; B/C grouped [b, g, n, L] with element strides.
+   Returns 0, or 1 when the work buffer cannot be allocated. */
+int tympan_scan_f32(int64_t c0, int64_t c1, int64_t channels, int64_t length, int64_t nstate,
+                    int64_t per_group, const float *u, const float *delta, const float *A,
+                    const float *B, int64_t sb0, int64_t sb1, int64_t sb2, int64_t sb3,
+                    const float *C, int64_t sc0, int64_t sc1, int64_t sc2, int64_t sc3,
+                    const float *Dskip, const float *z, const float *bias, int softplus,
+                    float *y, float *last) {
+    size_t words = nstate == 1 ? (size_t)(2 * CB + 1) * TILE : (size_t)TILE * (3 + nstate) + nstate;
+    float *work = (float *)malloc(sizeof(float) * words);
+    if (!work) return 1;
+    if (nstate == 1)
+        scan_n1(c0, c1, channels, length, per_group, u, delta, A, B, sb0, sb1, sb3, C, sc0, sc1, sc3,
+                Dskip, z, bias, softplus, y, last, work);
+    else
+        scan_any(c0, c1, channels, length, nstate, per_group, u, delta, A, B, sb0, sb1, sb2, sb3,
+                 C, sc0, sc1, sc2, sc3, Dskip, z, bias, softplus, y, last, work);
+    free(work);
+    return 0;
+}
+"""
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TYMPAN_CACHE", Path.home() / ".cache" / "tympan")) / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = SOURCE % {"tile": TILE}
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), version, _cpu_signature()]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    path = folder / f"fused_scan_{key}.so"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src, out = Path(tmp) / "fused_scan.c", Path(tmp) / "fused_scan.so"
+            src.write_text(source)
+            result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
+                                    timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            os.replace(out, path)  # atomic: concurrent builders end with one complete file
+    lib = ctypes.CDLL(str(path))
+    fn = lib.tympan_scan_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_I64] * 6 + [_PTR] * 4 + [_I64] * 4 + [_PTR] + [_I64] * 4 + [_PTR] * 3 + [ctypes.c_int] + [_PTR] * 2
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _error
+    if _library is not None or _error is not None:
+        return _library
+    with _lock:
+        if _library is None and _error is None:
+            if os.environ.get("TYMPAN_FUSED_SCAN", "1") == "0":
+                _error = "disabled by TYMPAN_FUSED_SCAN=0"
+            else:
+                try:
+                    _library = _build()
+                except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the eager path
+                    _error = f"{type(exc).__name__}: {exc}"
+    return _library
+
+
+def available() -> bool:
+    """True when the fused kernel is built (or builds now) and loads."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why the fused kernel is unavailable (``None`` when it is available)."""
+    _load()
+    return _error
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def fused_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                       z: Tensor | None, delta_bias: Tensor | None, softplus: bool,
+                       return_last_state: bool) -> tuple[Tensor, Tensor | None]:
+    """y [b, d, L] (and the last state [b, d, n]) for float32 CPU inputs; B, C grouped [b, g, n, L] (any strides).
+
+    The caller checks shapes and dtypes (see :func:`tympan.ops.chunked_scan.selective_scan_chunked`).
+    """
+    global _pool
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"fused scan unavailable: {_error}")
+    u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+    z = None if z is None else z.contiguous()
+    D = None if D is None else D.contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
+    b, d, length = u.shape
+    n = A.shape[1]
+    per_group = d // B.shape[1]
+    y = torch.empty_like(u)
+    last = u.new_empty(b, d, n) if return_last_state else None
+    total = b * d
+    threads = max(1, min(torch.get_num_threads(), total))
+    if length * total < 32768:
+        threads = 1
+    bounds = [total * i // threads for i in range(threads + 1)]
+    args = (d, length, n, per_group, _ptr(u), _ptr(delta), _ptr(A), _ptr(B), *B.stride(), _ptr(C), *C.stride(),
+            _ptr(D), _ptr(z), _ptr(delta_bias), int(bool(softplus)), _ptr(y), _ptr(last))
+
+    def run(i: int) -> None:
+        if lib.tympan_scan_f32(bounds[i], bounds[i + 1], *args):
+            raise MemoryError("fused scan: out of memory for its tile buffers")
+
+    if threads == 1:
+        run(0)
+    else:
+        if _pool is None or _pool._max_workers < threads - 1:
+            _pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="tympan-scan")
+        futures = [_pool.submit(run, i) for i in range(1, threads)]
+        run(0)
+        for f in futures:
+            f.result()
+    return y, last
