@@ -1,0 +1,145 @@
+"""The default model (tymnet-s) beside its teacher YAMNet, in one run: ESC-10 probes, held-out agreement, speed.
+
+1. **ESC-10 probe** (folds 1-4, 4-fold leave-one-fold-out, clips cropped/padded to 5 s): cosine kNN (k=5) and the
+   linear probe of :mod:`tympan.eval.probe` on the student's scene embeddings and on YAMNet's (mean of its 1024-d
+   patch embeddings), same protocol, same run. ESC-10 is never in the student's training corpus.
+2. **Agreement with the teacher** on the held-out corpus shards (source files never trained on):
+   :func:`tympan.data.corpus.teacher_agreement` (clip mAP against YAMNet's top-3 labels, top-1 / top-5 match).
+3. **Speed**, tagging the 320 ESC-10 files end to end (decode, frontend, model, top-5 tags), one file at a time as
+   ``tympan tag`` does, on ``--threads`` threads: the student (torch) and YAMNet (onnxruntime + its numpy frontend),
+   interleaved file by file; each file's fastest of ``--repeats`` runs, summed (the machine is shared).
+
+    python benchmarks/bench_default_model.py [--weights tympan/assets/tymnet-s.safetensors]
+        [--shards /work/cache/corpus/shards] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tympan import audio
+from tympan.eval.probe import evaluate, fold_splits
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CLIP = 80000
+
+
+def esc10_rows(shared: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with open(shared / "data" / "esc10" / "esc10.csv") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["fold"]) <= 4]
+    return [r for r in rows if (shared / "data" / "esc10" / "audio" / r["filename"]).is_file()]
+
+
+def fit(waveform: np.ndarray) -> np.ndarray:
+    return np.pad(waveform, (0, max(0, CLIP - len(waveform))))[:CLIP]
+
+
+@torch.no_grad()
+def probe(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
+    rows = esc10_rows(shared)
+    waves = [fit(audio.load(shared / "data" / "esc10" / "audio" / r["filename"])) for r in rows]
+    labels = np.array([int(r["target_esc10"]) for r in rows])
+    folds = np.array([int(r["fold"]) for r in rows])
+    batch = torch.from_numpy(np.stack(waves))
+    student = torch.cat([model.embed(model.frontend(b)).scene for b in batch.split(32)]).numpy()
+    _, teacher = yamnet.clip(list(waves))
+    splits = fold_splits(folds)
+    out: dict[str, Any] = {"clips": len(rows)}
+    for name, x in (("tymnet-s", student), ("yamnet", teacher)):
+        for method in ("knn", "linear"):
+            result = evaluate(x, labels, splits, method=method)
+            out[f"{name}/{method}"] = round(100 * result["mean"]["accuracy"], 2)
+    return out
+
+
+@torch.no_grad()
+def agreement(model: Any, shards: Path) -> dict[str, Any]:
+    from tympan.data.corpus import load_shards, teacher_agreement
+
+    data = load_shards(shards, "heldout")
+    probs = torch.cat([torch.sigmoid(model.patch_outputs(p.float())[0]) for p in torch.from_numpy(data["patches"]).split(512)])
+    return teacher_agreement(probs, data["scores"].astype(np.float32), data["file_id"])
+
+
+def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]:
+    """Per file, each tagger runs `repeats` times, interleaved; a file's time is its fastest run (on a machine
+    shared with other jobs, the minimum is the least disturbed), summed over files; also the plain total of the
+    first pass (disturbances included)."""
+    files = [shared / "data" / "esc10" / "audio" / r["filename"] for r in esc10_rows(shared)]
+    seconds = sum(audio.info(f).frames / audio.info(f).sample_rate for f in files)
+
+    @torch.inference_mode()
+    def student(f: Path) -> None:
+        w = torch.from_numpy(audio.load(f))[None]
+        torch.sigmoid(model(model.frontend(w)))[0].topk(5)
+
+    def teacher(f: Path) -> None:
+        scores, _ = yamnet.clip(audio.load(f))
+        np.argsort(scores)[-5:]
+
+    taggers = {"tymnet-s": student, "yamnet": teacher}
+    for fn in taggers.values():  # warm-up: caches, kernels
+        fn(files[0])
+    best = {k: np.full(len(files), np.inf) for k in taggers}
+    first = {k: 0.0 for k in taggers}
+    for r in range(repeats):
+        for i, f in enumerate(files):
+            for name, fn in taggers.items():
+                t = time.perf_counter()
+                fn(f)
+                dt = time.perf_counter() - t
+                best[name][i] = min(best[name][i], dt)
+                first[name] += dt if r == 0 else 0.0
+    total = {k: float(v.sum()) for k, v in best.items()}
+    return {"files": len(files), "audio_seconds": round(seconds, 1), "repeats": repeats,
+            **{f"{k}/seconds": round(v, 3) for k, v in total.items()},
+            **{f"{k}/x_realtime": round(seconds / v) for k, v in total.items()},
+            **{f"{k}/first_pass_seconds": round(v, 3) for k, v in first.items()},
+            "speedup_vs_yamnet": round(total["yamnet"] / total["tymnet-s"], 2)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", default=None, help="tymnet-s safetensors (default: the shipped one)")
+    parser.add_argument("--shards", default="/work/cache/corpus/shards", help="corpus shards (held-out split)")
+    parser.add_argument("--shared", default=str(SHARED))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "agreement", "speed"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tympan.models.tymnet import load_shipped
+    from tympan.teachers.yamnet import YAMNet
+
+    shared = Path(args.shared)
+    model = load_shipped(args.weights)
+    yamnet = YAMNet(shared / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip", num_threads=args.threads)
+    results: dict[str, Any] = {"threads": args.threads}
+    if "probe" not in args.skip:
+        results["esc10_probe"] = probe(model, yamnet, shared)
+        print("ESC-10 4-fold:", results["esc10_probe"], flush=True)
+    if "agreement" not in args.skip and Path(args.shards).is_dir():
+        results["heldout_agreement"] = agreement(model, Path(args.shards))
+        print("held-out agreement:", results["heldout_agreement"], flush=True)
+    if "speed" not in args.skip:
+        results["speed"] = speed(model, yamnet, shared, args.repeats)
+        print("speed:", results["speed"], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
