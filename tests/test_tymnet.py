@@ -132,3 +132,56 @@ def test_shipped_model_tags_make_sense(data_dir):
         probs[[494]] = 0  # Silence: the quiet gaps between barks
         top = int(probs.argmax())
         assert GROUPS[groups[top]] == expected, f"{path}: {model.labels.names[top]}"
+
+
+# ------------------------------------------------------------------------------------------ training recipe
+def _train_script():
+    import importlib.util
+
+    path = LABELS_CSV.parents[2] / "recipes" / "default_model" / "train.py"
+    spec = importlib.util.spec_from_file_location("default_model_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher):
+    """The recipe's trainer on real teacher targets (a dog clip and its reversed copy): 8 steps in one go equal
+    4 steps, a stop, and a resume; the exported weights load through the SHA-256-checked loader."""
+    from tympan.data import corpus as C
+
+    parts = [C.label_waveform(w, yamnet_teacher, 10) for w in (dog, dog[::-1].copy())]
+    for split in ("train", "heldout"):
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in ("patches", "scores", "embeddings")}
+        arrays["file_id"] = np.repeat(np.arange(2, dtype=np.int32), 10)
+        arrays["group"] = C.patch_groups(arrays["scores"].astype(np.float32)).astype(np.int8)
+        C.write_shards(tmp_path / "shards", arrays, split)
+    recipe = LABELS_CSV.parents[2] / "recipes" / "default_model.yaml"
+    common = [str(recipe), "--set", f"corpus.shards={tmp_path / 'shards'}", "--set", "train.steps=8", "--set",
+              "train.batch_size=4", "--set", "train.warmup_steps=2", "--set", "train.eval_every=4", "--set",
+              "model.overrides={channels: [8, 16, 16], strides: [2, 2]}"]  # fmt: skip
+    train = _train_script()
+    assert train.main([*common, "--set", f"train.out={tmp_path / 'a'}"]) == 0
+    assert train.main([*common, "--set", f"train.out={tmp_path / 'b'}", "--stop-at", "4"]) == 0
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 4
+    assert train.main([*common, "--set", f"train.out={tmp_path / 'b'}"]) == 0
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    figures = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [f["step"] for f in figures] == [4, 8] and 0 <= figures[-1]["clip_mAP_top3"] <= 1
+    exported = tmp_path / "a" / "tymnet-s.safetensors"
+    assert train.main([*common, "--set", f"train.out={tmp_path / 'a'}", "--export", str(exported)]) == 0
+    model = load_shipped(exported, channels=(8, 16, 16), strides=(2, 2))
+    torch.testing.assert_close(model.head.weight, a["ema"]["head.weight"])
+
+
+@pytest.fixture(scope="module")
+def yamnet_teacher(shared_dir, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from tympan.teachers.yamnet import YAMNet
+
+    return YAMNet(shared_dir / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip", num_threads=1,
+                  cache=tmp_path_factory.mktemp("onnx"))  # fmt: skip

@@ -1,0 +1,108 @@
+"""Ship the default model into ``tympan/assets``: EMA weights (safetensors) + sidecar, NOTICE, corpus manifest.
+
+    python recipes/default_model/ship.py recipes/default_model.yaml [--bench bench.json]
+
+Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json`` and ``corpus_table.md``, and an
+optional ``benchmarks/bench_default_model.py --json`` result; writes ``tymnet-s.safetensors`` (float32),
+``tymnet-s.json`` (SHA-256, config, labels, frontend, training and evaluation figures), ``tymnet-s.corpus.csv.gz``
+(every source file with package, version, licence and split) and ``NOTICE.tymnet-s.md``. The model card
+(``MODEL_CARD.md``) is written by hand from these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "tympan" / "assets"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--bench", default=None, help="JSON from benchmarks/bench_default_model.py")
+    args = parser.parse_args(argv)
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    run = Path(recipe["train"]["out"])
+    shards = Path(recipe["corpus"]["shards"])
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    state = {k: v.detach().contiguous() for k, v in ckpt["ema"].items()}
+    weights = ASSETS / "tymnet-s.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt", "model_id": "tymnet-s", "step": str(ckpt["step"])})
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    from tympan.models import get_model_entry
+
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in get_model_entry("tymnet-s").config.items()}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    sidecar = {
+        "weights": weights.name,
+        "sha256": digest,
+        "model_id": "tymnet-s",
+        "config": config,
+        "labels": "tymnet_labels.csv (YAMNet's 521 AudioSet classes: index, mid, display_name)",
+        "frontend": "YAMNet log-mel: 16 kHz, 25 ms periodic Hann, 10 ms hop, 512-point FFT magnitude, 64 HTK mel "
+                    "125-7500 Hz, log(mel + 0.001); 0.96 s patches every 0.48 s",
+        "license": "Apache-2.0 (weights: tympan); see NOTICE.tymnet-s.md for the training data",
+        "notes": "distilled from a quantized export of Google's YAMNet (Apache-2.0); no teacher weights included",
+        "training": {"steps": int(ckpt["step"]), "minutes_one_thread": round(float(ckpt["seconds"]) / 60, 1),
+                     "batch_size": recipe["train"]["batch_size"], "recipe": "recipes/default_model.yaml"},
+        "heldout_during_training": metrics[-1] if metrics else None,
+    }
+    if args.bench:
+        sidecar["evaluation"] = json.loads(Path(args.bench).read_text())
+    (ASSETS / "tymnet-s.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["key", "source", "version", "license", "seconds", "split", "patches"])
+    for m in manifest:
+        writer.writerow([m["key"], m["source"], m["version"], m["license"], m["seconds"], m["split"], m["patches"]])
+    with gzip.GzipFile(ASSETS / "tymnet-s.corpus.csv.gz", "wb", mtime=0) as f:
+        f.write(buffer.getvalue().encode())
+    licences = Counter(m["license"] for m in manifest if m["source"] != "mixture")
+    table = (shards / "corpus_table.md").read_text()
+    notice = f"""# NOTICE: tymnet-s (the default model)
+
+Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`recipes/default_model.yaml`).
+
+## Lineage
+
+* **Teacher**: the student learned to reproduce the outputs (per 0.96 s patch: 521 class probabilities and the
+  1024-d embedding) of YAMNet, Google's AudioSet tagger (Apache-2.0, <https://github.com/tensorflow/models/tree/master/research/audioset/yamnet>),
+  through a quantized ONNX export (Qualcomm AI Hub `YamNet_w8a8`). **No teacher weights are included.**
+* **Labels**: the 521 class names and ids (mids) are YAMNet's, from the AudioSet ontology by Google
+  (<https://github.com/audioset/ontology>, CC BY-SA 4.0): `tymnet_labels.csv`.
+* **Training audio**: the corpus below, built by `recipes/default_model/build_corpus.py`: Debian main packages
+  (DFSG-free; the licence of each file read from the package's machine-readable `debian/copyright`, or stated in
+  the recipe where that file is not machine-readable), shared effect sets with per-file licences, a small
+  synthetic share (fluidsynth + FluidR3 GM soundfont (MIT), espeak-ng, sox) and mixtures of these. No audio is
+  shipped except the demo clips (see `DEMO_SCENE.md`, `DEMO_AUDIO.md`). ESC-10 and FSDD test takes were not used.
+  The full per-file list (package, version, licence, split) is `tymnet-s.corpus.csv.gz`.
+
+## Corpus by source
+
+{table}
+## Licences of the source files (count of files)
+
+""" + "\n".join(f"* {name}: {count}" for name, count in licences.most_common()) + "\n"
+    (ASSETS / "NOTICE.tymnet-s.md").write_text(notice)
+    print(f"shipped {weights} ({weights.stat().st_size / 1e6:.2f} MB) sha256 {digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
