@@ -142,3 +142,39 @@ def test_embed_in_every_mode(precision):
         emb = model.embed_waveform(0.1 * torch.randn(1, 32000, generator=torch.Generator().manual_seed(1)))
     assert emb.scene.dtype == torch.float32 and emb.frames.dtype == torch.float32
     assert torch.isfinite(emb.scene).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_cli_tag_with_precision_is_close_to_fp32(data_dir, capsys, precision):
+    import json
+
+    from tympan.cli import main
+
+    clip = str(data_dir / "esc10" / "audio" / ESC10_CLIPS[0])
+    outputs = {}
+    for mode in ("fp32", precision):
+        torch.manual_seed(0)
+        assert main(["tag", clip, "--model", "sat-tiny-2s", "--random", "--set", "depth=2", "--format", "json",
+                     "--precision", mode]) == 0
+        outputs[mode] = json.loads(capsys.readouterr().out)[0]["chunks"][0]["tags"]
+    fp32 = {t["label"]: t["probability"] for t in outputs["fp32"]}
+    low = {t["label"]: t["probability"] for t in outputs[precision]}
+    assert len(set(fp32) & set(low)) >= 3
+    assert all(abs(low[k] - fp32[k]) < 0.05 for k in set(fp32) & set(low))
+
+
+def test_cli_refuses_precision_with_onnx(tmp_path, capsys):
+    from tympan.cli import main
+
+    assert main(["tag", str(tmp_path / "x.wav"), "--model", "sat-tiny-2s", "--random", "--backend", "onnx",
+                 "--precision", "int8"]) == 2
+    assert "--backend torch only" in capsys.readouterr().err
+
+
+def test_hear_load_model_takes_a_precision():
+    from tympan.hear import get_scene_embeddings, load_model
+
+    model = load_model("", model_id="dasheng-base", pretrained=False, precision="int8", depth=1)
+    assert precision_of(model.model) == "int8"
+    emb = get_scene_embeddings(0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0)), model)
+    assert emb.dtype == torch.float32 and emb.shape[0] == 2 and torch.isfinite(emb).all()

@@ -150,8 +150,30 @@ def _load_model(args: argparse.Namespace):
 
     overrides = _parse_overrides(args.set)
     if args.random and args.checkpoint is None:
-        return tympan.create_model(args.model, **overrides).eval()
-    return tympan.load(args.model, checkpoint=args.checkpoint, **overrides)
+        model = tympan.create_model(args.model, **overrides).eval()
+    else:
+        model = tympan.load(args.model, checkpoint=args.checkpoint, **overrides)
+    return _apply_precision(model, getattr(args, "precision", "fp32"))
+
+
+def _add_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="inference precision: fp32 (default, exact), bf16 (autocast) or int8 (dynamic int8 linears); "
+                   "see benchmarks/README.md for the speed and drift of each")
+
+
+def _apply_precision(model, precision: str):
+    from tympan.inference.precision import with_precision
+
+    try:
+        return with_precision(model, precision)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _check_precision_backend(args: argparse.Namespace) -> None:
+    if getattr(args, "precision", "fp32") != "fp32" and getattr(args, "backend", "torch") != "torch":
+        raise UserError(f"--precision {args.precision} applies to --backend torch only")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,6 +209,7 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per clip or chunk (default 5)")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text", help="output format (default text)")
     _add_backend_arguments(p)
+    _add_precision_argument(p)
     p.add_argument(
         "--plot", type=Path, metavar="OUT.png",
         help="save the per-chunk probabilities of the top classes over time (one PNG per file: OUT_<name>.png "
@@ -204,6 +227,7 @@ def _run_tag(args: argparse.Namespace) -> int:
         raise UserError("--topk must be at least 1")
     if args.chunk is not None and args.chunk <= 0:
         raise UserError("--chunk must be positive")
+    _check_precision_backend(args)
     runner = _onnx_runner(args) if args.backend == "onnx" else None
     model = _load_model(args) if runner is None else None
     try:
@@ -468,11 +492,13 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(p)
     add_embed_arguments(p)
     _add_backend_arguments(p)
+    _add_precision_argument(p)
 
 
 def _run_embed(args: argparse.Namespace) -> int:
     from tympan.eval.embed import run_embed
 
+    _check_precision_backend(args)
     if args.backend == "onnx":
         return _run_embed_onnx(args)
     return run_embed(args, overrides=_parse_overrides(args.set))
@@ -546,6 +572,7 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=16000, metavar="R",
                    help="stdin sample rate in Hz, resampled to 16 kHz (default 16000)")
     p.add_argument("--fast", action="store_true", help="play a file as fast as possible instead of in real time")
+    _add_precision_argument(p)
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads (default 1: a small streaming model gains nothing from more, and spinning "
                    "workers cost CPU and, on a busy machine, latency; raise it for large models)")

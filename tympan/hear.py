@@ -149,11 +149,14 @@ def load_model(model_file_path: str = "", model_id: str | None = None, pretraine
     official weights of ``model_id`` (default: ``$TYMPAN_HEAR_MODEL``, else ``dasheng-base``); with ``""`` and
     ``pretrained=False`` the model keeps its random initialisation (a sanity floor for probes).
 
-    ``overrides`` change the model config (as :func:`tympan.load`); ``windows_per_batch`` is the wrapper's own.
+    ``overrides`` change the model config (as :func:`tympan.load`); ``windows_per_batch`` and ``precision``
+    (``fp32``, ``bf16`` or ``int8``: :func:`tympan.inference.precision.with_precision`) are the wrapper's own.
     """
     import tympan
+    from tympan.inference.precision import with_precision
 
     windows_per_batch = overrides.pop("windows_per_batch", 16)
+    precision = overrides.pop("precision", "fp32")
     model_id = model_id or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     path = str(model_file_path or "")
     if path and not os.path.exists(path):
@@ -162,7 +165,7 @@ def load_model(model_file_path: str = "", model_id: str | None = None, pretraine
         model = tympan.load(model_id, checkpoint=path or None, **overrides)
     else:
         model = tympan.create_model(model_id, **overrides).eval()
-    return HearModel(model, windows_per_batch=windows_per_batch)
+    return HearModel(with_precision(model, precision), windows_per_batch=windows_per_batch)
 
 
 def _as_hear_model(model: nn.Module) -> HearModel:

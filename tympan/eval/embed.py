@@ -215,12 +215,15 @@ def embed_main(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     pretrained: bool = True,
+    precision: str = "fp32",
 ) -> EmbedResult:
-    """``tympan embed``: load ``model_id`` (official weights, ``checkpoint``, or random with ``pretrained=False``), embed ``datafile`` into ``output``,
+    """``tympan embed``: load ``model_id`` (official weights, ``checkpoint``, or random with ``pretrained=False``) in
+    ``precision``, embed ``datafile`` into ``output``,
     print a one-line summary and the skipped files."""
     from tympan.hear import load_model
 
-    model = load_model(checkpoint or "", model_id=model_id, pretrained=pretrained, **(overrides or {})).to(device)
+    model = load_model(checkpoint or "", model_id=model_id, pretrained=pretrained, precision=precision,
+                       **(overrides or {})).to(device)
     result = embed_datafile(model, datafile, output, pooling=pooling, clip_seconds=clip_seconds,
                             batch_size=batch_size, save_every=save_every, checkpoint=checkpoint, progress=progress)  # fmt: skip
     print(f"{result.path}: {result.rows} clips x {result.dim} ({pooling}, {model_id})"
@@ -248,5 +251,5 @@ def run_embed(args: argparse.Namespace, overrides: dict[str, Any] | None = None)
     embed_main(args.model, args.datafile, args.output, checkpoint=checkpoint, pooling=args.pooling,
                clip_seconds=args.clip_seconds, batch_size=args.batch_size, save_every=args.save_every,
                device=args.device, overrides=overrides, progress=not args.quiet,
-               pretrained=not args.random)  # fmt: skip
+               pretrained=not args.random, precision=getattr(args, "precision", "fp32"))  # fmt: skip
     return 0
