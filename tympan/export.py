@@ -384,10 +384,10 @@ def _compare(report: ExportReport, name: str, ort_out: np.ndarray, ref: Tensor) 
 
 
 def verify_onnx(model: nn.Module, report: ExportReport, *, scales: Sequence[float] = VERIFY_SCALES,
-                repeats: int = 3, threads: int | None = None) -> ExportReport:
+                repeats: int = 3, threads: int | None = None, batch: int = EXAMPLE_BATCH) -> ExportReport:
     """Run the exported graph in onnxruntime on lengths ``scales`` x the example and compare with PyTorch.
 
-    Window graphs: batch 2 at each length. Streaming graphs: :data:`STREAM_STEPS` full chunks carrying the state
+    Window graphs: ``batch`` clips at each length. Streaming graphs: :data:`STREAM_STEPS` full chunks carrying the state
     from the shipped initial state, then one x0.7 chunk. Fills the report's differences, timings (best of
     ``repeats``, same thread count for both) and ``ok``.
     """
@@ -421,7 +421,7 @@ def verify_onnx(model: nn.Module, report: ExportReport, *, scales: Sequence[floa
         else:
             for i, scale in enumerate(scales):
                 samples = int(report.example_samples * scale)
-                x = _waveform(EXAMPLE_BATCH, samples, 10 + i)
+                x = _waveform(batch, samples, 10 + i)
                 if _input_name(session) == "features":
                     x = model.frontend(x)
                 refs, t_pt = _timed(lambda: graph(x), repeats)
