@@ -178,3 +178,18 @@ def test_hear_load_model_takes_a_precision():
     assert precision_of(model.model) == "int8"
     emb = get_scene_embeddings(0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0)), model)
     assert emb.dtype == torch.float32 and emb.shape[0] == 2 and torch.isfinite(emb).all()
+
+
+def test_native_and_pytorch_quantisation_agree():
+    """The C row quantiser (contiguous rows) and the PyTorch path (strided rows) give the same int8 and scales."""
+    from tympan.inference.precision import rescale
+
+    x = torch.randn(37, 300) * torch.logspace(-3, 3, 37)[:, None]
+    q_native, s_native = quantize_rows(x)
+    q_torch, s_torch = quantize_rows(x.t().contiguous().t())  # column-major: the PyTorch ops
+    assert torch.equal(q_native, q_torch) and torch.equal(s_native, s_torch)
+    acc = torch.randint(-2**20, 2**20, (37, 50), dtype=torch.int32)
+    col, bias = torch.rand(50), torch.randn(50)
+    native = rescale(acc, s_native, col, bias)
+    reference = rescale(acc.t().contiguous().t(), s_native, col, bias)
+    torch.testing.assert_close(native, reference, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,9 @@
 * ``int8``: every plain ``nn.Linear`` except the classification head becomes an :class:`Int8Linear`: weights
   quantised once, symmetric per output channel; activations quantised per row at run time (dynamic, symmetric);
   the product is ``torch._int_mm`` (int8 x int8 -> int32, VNNI on CPU), rescaled by the row and column scales.
-  Nothing of ``torch.ao.quantization`` (deprecated) is used. Everything else stays float32.
+  Nothing of ``torch.ao.quantization`` (deprecated) is used. Everything else stays float32. On the CPU the row
+  quantisation and the rescaling are single passes in C (:mod:`tympan.ops.native`; PyTorch ops without a
+  compiler, the same results up to float rounding of the rescale).
 
 Use :func:`with_precision` on a loaded model (``tympan tag/embed/listen --precision``, ``hear.load_model(...,
 precision=...)``); ``bench_precision.py`` measures speed and drift against fp32.
@@ -23,6 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from tympan.ops import native
+
 __all__ = ["PRECISIONS", "Int8Linear", "quantize_linears", "with_precision", "precision_of"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -33,12 +37,76 @@ INT8_MAX = 127.0
 # ------------------------------------------------------------------------------------------------------- int8
 
 
+_KERNELS = native.NativeLibrary("int8_linear", r"""
+#include <stdint.h>
+
+/* Rows [r0, r1) of x [M, K] (row stride ldx): scale = max(max |x|, 1e-12) / 127, q = rint(x * (1 / scale)). */
+void tympan_quantize_rows(int64_t r0, int64_t r1, int64_t K, const float *x, int64_t ldx, int8_t *q,
+                          float *scale) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = x + r * ldx;
+        int8_t *qr = q + r * K;
+        float m = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            float a = xr[k] < 0.0f ? -xr[k] : xr[k];
+            m = a > m ? a : m;
+        }
+        float s = (m > 1e-12f ? m : 1e-12f) / 127.0f;
+        float inv = 1.0f / s;
+        scale[r] = s;
+        for (int64_t k = 0; k < K; ++k) {
+            float v = __builtin_rintf(xr[k] * inv);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            qr[k] = (int8_t)v;
+        }
+    }
+}
+
+/* Rows [r0, r1): out = acc * row_scale * col_scale (+ bias), acc int32 [M, N]. */
+void tympan_rescale_rows(int64_t r0, int64_t r1, int64_t N, const int32_t *acc, const float *row_scale,
+                         const float *col_scale, const float *bias, float *out) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const int32_t *ar = acc + r * N;
+        float *o = out + r * N, s = row_scale[r];
+        if (bias) {
+            for (int64_t j = 0; j < N; ++j) o[j] = __builtin_fmaf((float)ar[j] * s, col_scale[j], bias[j]);
+        } else {
+            for (int64_t j = 0; j < N; ++j) o[j] = (float)ar[j] * s * col_scale[j];
+        }
+    }
+}
+""", {"tympan_quantize_rows": (None, [native.I64] * 3 + [native.PTR, native.I64, native.PTR, native.PTR]),
+      "tympan_rescale_rows": (None, [native.I64] * 3 + [native.PTR] * 5)}, switch="TYMPAN_NATIVE_INT8")
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per row of a 2-D float tensor: (q [M, K] int8, scale [M, 1] float32), x ~= q * scale."""
     x = x.float()
+    lib = _KERNELS.lib() if x.device.type == "cpu" else None
+    if lib is not None and x.stride(1) == 1 and x.shape[1] > 0:
+        m, k = x.shape
+        q = torch.empty(m, k, dtype=torch.int8)
+        scale = torch.empty(m, 1)
+        native.parallel_ranges(m, lambda r0, r1: lib.tympan_quantize_rows(
+            r0, r1, k, x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr()), min_items=16)
+        return q, scale
     scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
     q = torch.mul(x, scale.reciprocal()).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
+
+
+def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``acc * row_scale * col_scale + bias`` as float32 (acc int32 [M, N], row_scale [M, 1], col_scale [N])."""
+    lib = _KERNELS.lib() if acc.device.type == "cpu" else None
+    if lib is not None and acc.is_contiguous():
+        m, n = acc.shape
+        out = torch.empty(m, n)
+        native.parallel_ranges(m, lambda r0, r1: lib.tympan_rescale_rows(
+            r0, r1, n, acc.data_ptr(), row_scale.data_ptr(), col_scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr()), min_items=16)
+        return out
+    out = torch.mul(acc, row_scale)
+    return torch.addcmul(bias, out, col_scale) if bias is not None else out.mul_(col_scale)
 
 
 class Int8Linear(nn.Module):
@@ -73,8 +141,7 @@ class Int8Linear(nn.Module):
         if rows.shape[0] == 0:
             return x.new_zeros(*shape[:-1], self.out_features)
         q, scale = quantize_rows(rows)
-        out = torch.mul(torch._int_mm(q, self.qweight_t), scale)  # int32 [M, out] -> float32
-        out = torch.addcmul(self.bias, out, self.weight_scale) if self.bias is not None else out.mul_(self.weight_scale)
+        out = rescale(torch._int_mm(q, self.qweight_t), scale, self.weight_scale, self.bias)
         return out.view(*shape[:-1], self.out_features).to(x.dtype if x.is_floating_point() else torch.float32)
 
     def reference(self, x: Tensor) -> Tensor:

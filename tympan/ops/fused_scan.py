@@ -11,35 +11,24 @@ and the scan steps, each over the whole [b, d, L] tensor. Here each channel is o
 
 exp and log1p are short polynomials (Cephes-style range reduction, about 1 ulp; the softplus is the stable
 ``max(x, 0) + log1p(exp(-|x|))`` with torch's threshold of 20) so the compiler vectorises them with no
-fast-math flag (which could change the process's float environment). Channels are split over
-``torch.get_num_threads()`` Python threads; ctypes releases the GIL during each call. Memory: the inputs, ``y``
+fast-math flag. Channels are split over ``torch.get_num_threads()`` threads. Memory: the inputs, ``y``
 and a few tile buffers per thread, linear in L.
 
-The library is built on first use into ``$TYMPAN_CACHE/kernels`` (default ``~/.cache/tympan/kernels``), keyed by
-the source, the flags, the compiler and the CPU; without a working compiler (``$CC``, ``cc``, ``gcc`` or
-``clang``) or with ``TYMPAN_FUSED_SCAN=0`` :func:`available` is False and callers use the eager path.
+The library is built on first use by :mod:`tympan.ops.native` (cached per source, compiler and CPU); without a
+working C compiler, or with ``TYMPAN_FUSED_SCAN=0`` (or ``TYMPAN_NATIVE=0``), :func:`available` is False and
+callers use the eager path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import torch
 from torch import Tensor
+
+from tympan.ops import native
 
 __all__ = ["available", "fused_scan_forward", "build_error"]
 
 TILE = 512
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11"]
 
 SOURCE = r"""
 #include <stdint.h>
@@ -235,74 +224,15 @@ int tympan_scan_f32(int64_t c0, int64_t c1, int64_t channels, int64_t length, in
 }
 """
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_error: str | None = None
-_pool: ThreadPoolExecutor | None = None
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_LIBRARY = native.NativeLibrary(
+    "fused_scan", SOURCE % {"tile": TILE},
+    {"tympan_scan_f32": (native.INT, [native.I64] * 6 + [native.PTR] * 4 + [native.I64] * 4 + [native.PTR]
+                         + [native.I64] * 4 + [native.PTR] * 3 + [native.INT] + [native.PTR] * 2)},
+    switch="TYMPAN_FUSED_SCAN")
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TYMPAN_CACHE", Path.home() / ".cache" / "tympan")) / "kernels"
-
-
-def _build() -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE % {"tile": TILE}
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), version, _cpu_signature()]).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    path = folder / f"fused_scan_{key}.so"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = Path(tmp) / "fused_scan.c", Path(tmp) / "fused_scan.so"
-            src.write_text(source)
-            result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
-                                    timeout=120)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-            os.replace(out, path)  # atomic: concurrent builders end with one complete file
-    lib = ctypes.CDLL(str(path))
-    fn = lib.tympan_scan_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_I64] * 6 + [_PTR] * 4 + [_I64] * 4 + [_PTR] + [_I64] * 4 + [_PTR] * 3 + [ctypes.c_int] + [_PTR] * 2
-    return lib
-
-
-def _load() -> ctypes.CDLL | None:
-    global _library, _error
-    if _library is not None or _error is not None:
-        return _library
-    with _lock:
-        if _library is None and _error is None:
-            if os.environ.get("TYMPAN_FUSED_SCAN", "1") == "0":
-                _error = "disabled by TYMPAN_FUSED_SCAN=0"
-            else:
-                try:
-                    _library = _build()
-                except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the eager path
-                    _error = f"{type(exc).__name__}: {exc}"
-    return _library
+def _load():
+    return _LIBRARY.lib()
 
 
 def available() -> bool:
@@ -313,7 +243,7 @@ def available() -> bool:
 def build_error() -> str | None:
     """Why the fused kernel is unavailable (``None`` when it is available)."""
     _load()
-    return _error
+    return _LIBRARY.error
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -327,10 +257,9 @@ def fused_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
     The caller checks shapes and dtypes (see :func:`tympan.ops.chunked_scan.selective_scan_chunked`).
     """
-    global _pool
     lib = _load()
     if lib is None:
-        raise RuntimeError(f"fused scan unavailable: {_error}")
+        raise RuntimeError(f"fused scan unavailable: {_LIBRARY.error}")
     u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
     z = None if z is None else z.contiguous()
     D = None if D is None else D.contiguous()
@@ -340,25 +269,12 @@ def fused_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     per_group = d // B.shape[1]
     y = torch.empty_like(u)
     last = u.new_empty(b, d, n) if return_last_state else None
-    total = b * d
-    threads = max(1, min(torch.get_num_threads(), total))
-    if length * total < 32768:
-        threads = 1
-    bounds = [total * i // threads for i in range(threads + 1)]
     args = (d, length, n, per_group, _ptr(u), _ptr(delta), _ptr(A), _ptr(B), *B.stride(), _ptr(C), *C.stride(),
             _ptr(D), _ptr(z), _ptr(delta_bias), int(bool(softplus)), _ptr(y), _ptr(last))
 
-    def run(i: int) -> None:
-        if lib.tympan_scan_f32(bounds[i], bounds[i + 1], *args):
+    def run(start: int, stop: int) -> None:
+        if lib.tympan_scan_f32(start, stop, *args):
             raise MemoryError("fused scan: out of memory for its tile buffers")
 
-    if threads == 1:
-        run(0)
-    else:
-        if _pool is None or _pool._max_workers < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=max(threads - 1, 1), thread_name_prefix="tympan-scan")
-        futures = [_pool.submit(run, i) for i in range(1, threads)]
-        run(0)
-        for f in futures:
-            f.result()
+    native.parallel_ranges(b * d, run, min_items=max(1, 32768 // max(length, 1)))
     return y, last

@@ -1,0 +1,126 @@
+"""Small C kernels compiled on first use with the system C compiler and loaded through ctypes.
+
+:class:`NativeLibrary` builds a C source once into ``$TYMPAN_CACHE/kernels`` (default ``~/.cache/tympan/kernels``),
+keyed by the source, the flags, the compiler's version and the CPU's feature flags (the code is built for the CPU
+it runs on, ``-march=native``), and loads it. Without a working compiler (``$CC``, ``cc``, ``gcc`` or ``clang``),
+or with its environment switch set to ``0`` (``TYMPAN_NATIVE=0`` disables every library), ``lib()`` is None and
+callers take their PyTorch path. No fast-math flag is used (it could change the process's float environment).
+
+A parallel helper splits a range of independent work items over ``torch.get_num_threads()`` Python threads
+(ctypes releases the GIL during each foreign call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["NativeLibrary", "parallel_ranges", "FLAGS"]
+
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11"]
+I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$TYMPAN_CACHE/kernels`` or ``~/.cache/tympan/kernels``."""
+    return Path(os.environ.get("TYMPAN_CACHE", Path.home() / ".cache" / "tympan")) / "kernels"
+
+
+class NativeLibrary:
+    """A C source built on first use; ``functions`` maps entry names to ``(restype, argtypes)``."""
+
+    def __init__(self, name: str, source: str, functions: dict[str, tuple[object, list]], switch: str):
+        self.name, self.source, self.functions, self.switch = name, source, functions, switch
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+
+    def _build(self) -> ctypes.CDLL:
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C compiler found (set CC)")
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([self.source, " ".join(FLAGS), version, _cpu_signature()]).encode())
+        folder = cache_dir()
+        path = folder / f"{self.name}_{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src, out = Path(tmp) / f"{self.name}.c", Path(tmp) / f"{self.name}.so"
+                src.write_text(self.source)
+                result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True,
+                                        text=True, timeout=180)
+                if result.returncode != 0:
+                    raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+                os.replace(out, path)  # atomic: concurrent builders end with one complete file
+        lib = ctypes.CDLL(str(path))
+        for fname, (restype, argtypes) in self.functions.items():
+            fn = getattr(lib, fname)
+            fn.restype, fn.argtypes = restype, argtypes
+        return lib
+
+    def lib(self) -> ctypes.CDLL | None:
+        """The loaded library, built now if needed; None (with ``error`` set) when unavailable."""
+        if self._lib is not None or self.error is not None:
+            return self._lib
+        with self._lock:
+            if self._lib is None and self.error is None:
+                if "0" in (os.environ.get("TYMPAN_NATIVE", "1"), os.environ.get(self.switch, "1")):
+                    self.error = f"disabled by TYMPAN_NATIVE=0 or {self.switch}=0"
+                else:
+                    try:
+                        self._lib = self._build()
+                    except Exception as exc:  # noqa: BLE001 - any build/load failure: use the PyTorch path
+                        self.error = f"{type(exc).__name__}: {exc}"
+        return self._lib
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def parallel_ranges(total: int, run: Callable[[int, int], None], min_items: int = 1) -> None:
+    """Call ``run(start, stop)`` on ``torch.get_num_threads()`` slices of ``range(total)`` at once (each at least
+    ``min_items`` long), the first slice on the calling thread."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), total // max(min_items, 1)))
+    bounds = [total * i // threads for i in range(threads + 1)]
+    if threads == 1:
+        run(0, total)
+        return
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads - 1:
+            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="tympan-native")
+        pool = _pool
+    futures = [pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    run(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
