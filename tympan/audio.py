@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from tympan.errors import TympanError
+from tympan.errors import InputError, TympanError
 
 __all__ = [
     "AudioError",
@@ -109,7 +109,7 @@ def _check_rate(rate: float, name: str, path: str | Path = "<array>") -> None:
 
 def _check_quality(quality: str) -> None:
     if quality not in QUALITIES:
-        raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
+        raise InputError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
 
 
 def _libsndfile_reason(err: Exception) -> str:
@@ -259,7 +259,7 @@ def resample(samples: np.ndarray, sample_rate: float, target_rate: float, qualit
     _check_quality(quality)
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim not in (1, 2):
-        raise ValueError(f"expected samples of shape [N] or [channels, N], got shape {tuple(samples.shape)}")
+        raise AudioError("<array>", f"expected samples of shape [N] or [channels, N], got shape {tuple(samples.shape)}")
     frames = samples.T if samples.ndim == 2 else samples
     return _channels_first(_resample_frames(np.ascontiguousarray(frames), sample_rate, target_rate, quality))
 
@@ -270,7 +270,7 @@ def _as_float32(samples: Any) -> np.ndarray:
         samples = samples.detach().cpu().numpy()
     array = np.asarray(samples)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"expected real-valued audio samples, got dtype {array.dtype}")
+        raise AudioError("<array>", f"expected real-valued audio samples, got dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.unsignedinteger):  # e.g. 8-bit WAV: offset binary
         half = (np.iinfo(array.dtype).max + 1) / 2
         return ((array.astype(np.float64) - half) / half).astype(np.float32)
@@ -350,7 +350,7 @@ class BlockReader:
         self.sample_rate = sample_rate or self.info.sample_rate
         self.block_frames = round(block_seconds * self.sample_rate)
         if not math.isfinite(block_seconds) or self.block_frames < 1:
-            raise ValueError(f"block_seconds must give at least one sample per block, got {block_seconds!r}")
+            raise InputError(f"block_seconds must give at least one sample per block, got {block_seconds!r}")
         self.mono, self.quality = mono, quality
         self.channels = 1 if mono else self.info.channels
 
@@ -417,7 +417,7 @@ def save(
     """
     path = Path(path)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer to write a file, got {sample_rate!r}")
+        raise AudioError(path, f"sample_rate must be a positive integer to write a file, got {sample_rate!r}")
     writable = {suffix: fs for suffix, fs in _WRITE_FORMATS.items() if fs[0] in readable_formats()}
     if path.suffix.lower() not in writable:
         reason = f"cannot write format {path.suffix or '(no suffix)'!r} (use {', '.join(writable)})"

@@ -2,12 +2,13 @@
 
 Integer PCM (int8/16/32/64, uint8 offset binary) is scaled to [-1, 1) as the audio loaders do, so an int16
 array gives the same features as the float file it came from; bool and complex inputs, empty batches, and NaN
-or inf samples are refused with an :class:`~tympan.errors.InputError`. Under tracing/compilation (ONNX or
+or inf samples, and samples beyond +-1e6, are refused with an :class:`~tympan.errors.InputError`. Under tracing/compilation (ONNX or
 torch.export) the data-dependent finiteness check is skipped.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,9 @@ from torch import Tensor
 
 from tympan.errors import InputError
 
-__all__ = ["as_waveform"]
+__all__ = ["MAX_PEAK", "as_waveform"]
+
+MAX_PEAK = 1e6  # beyond any PCM scale (Kaldi-style int16 floats reach 32768); larger powers overflow float32
 
 
 def _tracing() -> bool:
@@ -45,6 +48,11 @@ def as_waveform(waveform: Any, name: str = "waveform") -> Tensor:
         waveform = (waveform.to(torch.float64) / scale).to(torch.float32)
     elif dtype not in (torch.float32, torch.float64):  # half precision: compute in float32
         waveform = waveform.to(torch.float32)
-    if not _tracing() and not bool(torch.isfinite(waveform).all()):
-        raise InputError(f"{name}: non-finite samples (NaN or inf)")
+    if not _tracing():
+        peak = float(waveform.detach().abs().max())
+        if not math.isfinite(peak):
+            raise InputError(f"{name}: non-finite samples (NaN or inf)")
+        if peak > MAX_PEAK:
+            raise InputError(f"{name}: samples up to {peak:.3g}, beyond +-{MAX_PEAK:g} (expected [-1, 1] floats or "
+                             "integer PCM)")  # fmt: skip
     return waveform

@@ -426,7 +426,27 @@ def check_model_overrides(model_id: str, overrides: dict[str, Any], where: str =
         if name not in defaults:
             raise ConfigError(f"unknown config key {key!r} for model {model_id!r}")
         _check_model_value(value, defaults[name], key)
+    _check_model_size(entry, overrides, where)
     return dict(overrides)
+
+
+MAX_PARAMETERS = 20_000_000_000  # 80 GB of float32 weights: far past any registered model (Dasheng 1.2B)
+
+
+def _check_model_size(entry: Any, overrides: dict[str, Any], where: str) -> None:
+    """Build the model on the meta device (no memory) and refuse absurd sizes before anything is allocated."""
+    import torch
+
+    config = {**dict(entry.config), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        with torch.device("meta"):
+            model = entry.build(**config)
+    except Exception:  # noqa: BLE001 (a config the builder refuses is reported when the model is really built)
+        return
+    count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"{where}: {entry.name} with these settings would hold {count:.3g} weights "
+                          f"(limit {MAX_PARAMETERS:.0e}); check the sizes")  # fmt: skip
 
 
 def _check_model_value(value: Any, default: Any, key: str) -> None:
