@@ -177,3 +177,17 @@ def test_resume_problems_are_one_line(tmp_path, data_dir, capsys):
     assert main(["train", str(recipe), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "truncated or corrupt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_embed_writes_through_a_temporary_of_its_own_and_reads_only_the_clip(tmp_path):
+    from tympan.eval.embed import _load_clip, _save_atomic
+    from tympan.eval.probe import load_embeddings
+
+    shared = tmp_path / "e.safetensors.tmp"  # the one name every embed run used to write through
+    shared.write_bytes(b"another run's half-written file")
+    _save_atomic(tmp_path / "e.safetensors", np.ones((2, 3), np.float32), ["a", "b"], {"x": 1})
+    assert shared.read_bytes() == b"another run's half-written file"
+    assert load_embeddings(tmp_path / "e.safetensors").embeddings.shape == (2, 3)
+    long = _wav(tmp_path / "long.wav", np.random.default_rng(2).uniform(-0.5, 0.5, 16000 * 40).astype(np.float32))
+    np.testing.assert_array_equal(_load_clip(str(long), 16000 * 3), audio.load(long)[: 16000 * 3])
+    assert len(_load_clip(str(long), 16000 * 50)) == 16000 * 50  # zero-padded past the end

@@ -84,17 +84,26 @@ def _load_partial(path: Path, signature: dict[str, Any]) -> tuple[dict[str, np.n
 def _save_atomic(path: Path, embeddings: np.ndarray, keys: Sequence[str], info: dict[str, Any]) -> None:
     from tympan.eval.probe import save_embeddings
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_embeddings(tmp, embeddings, list(keys), info)
-    os.replace(tmp, path)
+    from tympan.files import atomic_write
+
+    # a temporary of its own (pid + random suffix): two runs writing one output never share one
+    atomic_write(path, lambda tmp: save_embeddings(tmp, embeddings, list(keys), info))
 
 
 def _load_clip(path: str, clip_samples: int | None) -> np.ndarray:
     from tympan import audio
 
-    samples = audio.load(path, sample_rate=SAMPLE_RATE, mono=True)
-    if clip_samples is not None:
-        samples = np.pad(samples[:clip_samples], (0, max(0, clip_samples - samples.shape[0])))
+    if clip_samples is None:
+        samples = audio.load(path, sample_rate=SAMPLE_RATE, mono=True)
+    else:  # decode only the clip's first clip_samples: a 1 h file costs one block, not the whole file
+        pieces, have = [], 0
+        for block in audio.stream(path, block_seconds=max(1.0, clip_samples / SAMPLE_RATE), sample_rate=SAMPLE_RATE):
+            pieces.append(block[: clip_samples - have])
+            have += len(pieces[-1])
+            if have >= clip_samples:
+                break
+        samples = np.concatenate(pieces)
+        samples = np.pad(samples, (0, max(0, clip_samples - samples.shape[0])))
     if samples.shape[0] < 400:
         raise ValueError(f"{path}: {samples.shape[0]} samples, shorter than one 25 ms frame")
     return samples
