@@ -13,7 +13,8 @@ interface and icefall's explicit streaming state:
   ``frame_embedding_size``), for inputs of any length (the model windows them itself; ``windows_per_batch`` bounds
   how many windows run at once). ``embed_waveform(waveform)`` is ``embed(frontend(waveform))`` except where the
   frontend crops to one window (AST/SSAST), which embeds the whole clip's features instead.
-* ``model.labels``: the head's :class:`~tympan.labels.LabelSet` (``None`` for encoders).
+* ``model.labels``: the head's :class:`~tympan.labels.LabelSet` (``None`` for encoders), from the registry's label
+  set name (``label_source``) when it has ``num_classes`` classes, generic class names otherwise.
 * ``model.window_samples``: the span the model was trained to see at once (tools cut longer inputs into such
   windows); ``model.min_samples``: the shortest input it accepts.
 * streaming models (``model.streaming``): ``init_state(batch)`` and ``step(chunk, state) -> (logits, state)`` on
@@ -27,6 +28,9 @@ inputs are many windows); ``embed_waveform`` is overridable (AST's frontend crop
 depend on the exact clip duration); ``init_state`` takes ``warm`` (SAT starts from the "silence" memory of the
 original, or from none); the frontend, a submodule, never appears in the state dict (its tensors are computed from
 its settings, so checkpoints stay frontend-free and loadable whatever the frontend's buffers).
+``describe()``, ``window_seconds``, ``block_modules()``, ``classifier_module()`` and ``device()`` are derived helpers
+for the tools. HEAR keeps a native grid as is only when it starts at 0 with a hop of at most 50 ms (SSAM's original
+start-aligned rows); every other grid is resampled to the HEAR lattice.
 
 Everything else (patch embedding, memory layout, cross scans) stays inside the family module.
 """
