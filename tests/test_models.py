@@ -127,3 +127,13 @@ def test_save_load_round_trip_is_identical(model_id, tmp_path):
         assert torch.equal(model.embed_waveform(waveform).scene, again.embed_waveform(waveform).scene)
         if model.has_head:
             assert torch.equal(model.predict(waveform), again.predict(waveform))
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_builds_on_the_meta_device_at_full_size(model_id):
+    """Every registered config builds on the meta device (nothing allocated): checkpoint sidecars are size-checked
+    this way before a model is built for real, and large models can be materialised shard by shard."""
+    with torch.device("meta"):
+        model = tympan.create_model(model_id)
+    params = sum(p.numel() for p in model.parameters())
+    assert params > 0 and all(p.is_meta for p in model.parameters())

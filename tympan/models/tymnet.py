@@ -43,8 +43,8 @@ def _mel_matrix() -> Tensor:
     bins = torch.linspace(0.0, SAMPLE_RATE / 2, NFFT // 2 + 1, dtype=torch.float64)[1:]
     hz_to_mel = lambda hz: 1127.0 * torch.log1p(hz / 700.0)  # noqa: E731
     bin_mels = hz_to_mel(bins)[:, None]
-    edges = torch.linspace(float(hz_to_mel(torch.tensor(125.0, dtype=torch.float64))),
-                           float(hz_to_mel(torch.tensor(7500.0, dtype=torch.float64))), NUM_MELS + 2,
+    # scalar edges in Python floats: no tensor -> float round trip, so the model also builds on the meta device
+    edges = torch.linspace(1127.0 * math.log1p(125.0 / 700.0), 1127.0 * math.log1p(7500.0 / 700.0), NUM_MELS + 2,
                            dtype=torch.float64)  # fmt: skip
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
     weights = torch.clamp(torch.minimum((bin_mels - lower) / (centre - lower), (upper - bin_mels) / (upper - centre)), min=0)
