@@ -3,8 +3,10 @@
 Each model has one ``bench_<name>(args) -> list[Result]`` function listed in ``BENCHMARKS``; it times our
 model and, where one can be installed without changing torch, a reference implementation with the same
 config and random weights. Run ``python benchmarks/bench_transformers.py [--models ast] [--threads 2]``;
-it prints a table and one JSON line per comparison. Goals: AST at least as fast as transformers' (ratio >= 1),
-SAT-T streaming at least 100x faster than real time.
+it prints a table and one JSON line per comparison, each with the model's FLOP/s as a share of the fp32 matmul
+peak measured at the start of the same run (``benchmarks/peak.py``). Goals: AST at least as fast as transformers'
+in fp32 (ratio >= 1; the reduced-precision modes are in ``bench_precision.py``), SAT-T streaming at least 400x
+faster than real time in fp32.
 
 The AST reference is Hugging Face ``transformers.ASTForAudioClassification`` (install it without touching
 torch: ``pip install --no-deps transformers`` plus tokenizers, huggingface_hub, safetensors, regex,
@@ -27,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import tympan  # noqa: E402
+from benchmarks.peak import count_flops, load_average, matmul_peak  # noqa: E402
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Result:
     reference: str | None = None
     reference_ms: float | None = None
     notes: str = ""
+    gflop: float | None = None  # FLOPs of what ``ours_ms`` times (matmuls, convolutions, attention)
 
     @property
     def ratio(self) -> float | None:
@@ -84,7 +88,7 @@ def bench_ast(args: argparse.Namespace) -> list[Result]:
         assert reference(x).logits.shape == ours(x).shape
     ours_ms, reference_ms = time_ms(lambda: ours(x), lambda: reference(x), repeats=args.repeats)
     name = f"transformers {__import__('transformers').__version__} ASTForAudioClassification"
-    return [Result("ast-base384", label, ours_ms, name, reference_ms)]
+    return [Result("ast-base384", label, ours_ms, name, reference_ms, gflop=count_flops(lambda: ours(x)) / 1e9)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,7 +107,8 @@ def bench_dasheng(args: argparse.Namespace) -> list[Result]:
         wave = torch.randn(args.batch, 16000 * seconds) * 0.1
         (ours_ms,) = time_ms(lambda: model(wave), repeats=args.repeats)
         results.append(Result("dasheng-base", f"{args.batch} x {seconds} s waveform", ours_ms,
-                              "dasheng 0.0.9 (peers.md)", DASHENG_PEER_MS[seconds] * args.batch))
+                              "dasheng 0.0.9 (peers.md)", DASHENG_PEER_MS[seconds] * args.batch,
+                              gflop=count_flops(lambda: model(wave)) / 1e9))
     return results
 
 
@@ -131,7 +136,11 @@ def bench_sat(args: argparse.Namespace) -> list[Result]:
 
     (ours_ms,) = time_ms(run, repeats=args.repeats)
     notes = f"per-chunk latency median {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms"
-    return [Result("sat-tiny-2s", f"{seconds} s stream, 2 s chunks", ours_ms, "real time", seconds * 1000.0, notes)]
+    model = streamer.model
+    chunk, state = torch.zeros(1, model.chunk_samples), model.init_state(1)
+    gflop = count_flops(lambda: model.step(chunk, state)) * len(latencies) / 1e9
+    return [Result("sat-tiny-2s", f"{seconds} s stream, 1.92 s chunks", ours_ms, "real time", seconds * 1000.0,
+                   notes, gflop=gflop)]
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
@@ -149,12 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    peak = matmul_peak(args.threads, "fp32")
+    print(f"torch {torch.__version__}, {args.threads} threads, load {load_average()}, fp32 matmul peak {peak:.0f} GFLOP/s")
     for name in args.models:
         for r in BENCHMARKS[name](args):
             ref = "" if r.reference_ms is None else f"   {r.reference}: {r.reference_ms:8.1f} ms   ratio {r.ratio:.2f}x"
-            print(f"{r.model:20s} {r.input:28s} ours {r.ours_ms:8.1f} ms{ref}   {r.notes}")
-            print(json.dumps(asdict(r) | {"ratio": r.ratio, "threads": args.threads, "torch": torch.__version__}))
+            share = None if r.gflop is None else r.gflop / (r.ours_ms / 1e3) / peak
+            share_text = "" if share is None else f"   {100 * share:.0f}% of peak"
+            print(f"{r.model:20s} {r.input:28s} ours {r.ours_ms:8.1f} ms{ref}{share_text}   {r.notes}")
+            print(json.dumps(asdict(r) | {"ratio": r.ratio, "threads": args.threads, "torch": torch.__version__,
+                                          "peak_gflops": peak, "share_of_peak": share, "load": load_average()}))
 
 
 if __name__ == "__main__":
