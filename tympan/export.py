@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import onnx  # the optional dependencies (tympan[onnx]) fail here, at import, with an ImportError naming them
+import onnxruntime  # noqa: F401
+import onnxscript  # noqa: F401  (the dynamo exporter's translator)
 import torch
 from torch import Tensor, nn
 
@@ -270,8 +273,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, frontend: bool = T
     ``samples``: length of the export example (default :func:`example_samples`). Returns an unverified
     :class:`ExportReport` (:func:`verify_onnx` fills in the comparison).
     """
-    import onnx
-
     model = audio_model(model).eval()
     kind = output_kind(model)
     if kind == "streaming" and not frontend:
@@ -452,8 +453,6 @@ class OnnxModel:
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnx
-
         self.path = Path(path)
         meta = {p.key: p.value for p in onnx.load(str(self.path), load_external_data=False).metadata_props}
         if "tympan.model_id" not in meta:
@@ -606,8 +605,6 @@ def cached_export(model: nn.Module, directory: str | os.PathLike | None = None) 
 
 
 def _rewrite_state_name(path: Path, state_name: str) -> None:
-    import onnx
-
     proto = onnx.load(str(path))
     for entry in proto.metadata_props:
         if entry.key == "tympan.state_file":

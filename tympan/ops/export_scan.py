@@ -52,7 +52,7 @@ def selective_scan_export(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     dtu_t = (dt * u_).permute(2, 0, 1).reshape(length, b, groups, d // groups, 1)
     decay = torch.exp(dt_t * A.to(dtype).reshape(1, 1, groups, d // groups, n))
     drive = dtu_t * Bg.permute(3, 0, 1, 2).unsqueeze(3)
-    contract = Cg.permute(3, 0, 1, 2).unsqueeze(3).expand(length, b, groups, d // groups, n)
+    contract = Cg.permute(3, 0, 1, 2).unsqueeze(3)  # [L, b, g, 1, n]: broadcast over a group's channels per step
     h0 = u_.new_zeros(b, groups, d // groups, n)
     last, ys = scan(_step, h0, (decay, drive, contract))  # ys: [L, b, g, d/g]
     y = ys.reshape(length, b, d).permute(1, 2, 0)
