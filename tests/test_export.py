@@ -264,3 +264,16 @@ def test_every_model_offers_the_graph_contract(model_id):
     if probs is not None:
         assert probs.shape == (2, model.num_classes)
         assert bool(((probs >= 0) & (probs <= 1)).all())
+
+
+def test_cli_export_writes_a_verified_file(tmp_path, capsys):
+    out = tmp_path / "vit.onnx"
+    tiny = ["--set", "embed_dim=16", "--set", "depth=1", "--set", "num_heads=1", "--set", "target_length=256"]
+    assert main(["export", "--model", "audiotransformer-tiny", "--random", *tiny, "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["model_id"] == "audiotransformer-tiny" and out.is_file()
+    assert set(report["max_abs_diff"]) == {"probabilities", "embedding"} and report["speedup"] > 0
+    sat = ["--model", "sat-tiny-2s", "--random", *tiny[:6]]
+    capsys.readouterr()
+    assert main(["export", *sat, "--no-frontend", "-o", str(tmp_path / "sat.onnx")]) == 2
+    assert "streaming model exports its waveform step" in capsys.readouterr().err
