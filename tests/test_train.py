@@ -95,7 +95,16 @@ def test_config_overrides_and_saved_config(tmp_path, data_dir):
         load_config(REPO / "recipes" / "fsdd_ssast_tiny.yaml", ["objective.kind=focal"])
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def _train_recipes() -> list[Path]:
+    """The recipes ``tympan train`` reads (recipes/default_model.yaml drives its own scripts)."""
+    import yaml
+
+    from tympan.train.config import DEFAULTS
+
+    return [p for p in sorted((REPO / "recipes").glob("*.yaml")) if set(yaml.safe_load(p.read_text())) <= set(DEFAULTS)]
+
+
+@pytest.mark.parametrize("recipe", _train_recipes(), ids=lambda p: p.stem)
 def test_recipes_parse(recipe):
     assert load_config(recipe)["model"]["id"] in tympan.list_models()
 
