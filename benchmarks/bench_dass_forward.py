@@ -1,7 +1,8 @@
 """DASS-small forward on a 10 s clip (fp32): tympan against the original design's cost, in one run.
 
-Rows: tympan as it runs by default (the fused C scan for N=1 inference when a compiler is there), tympan with the
-blocked eager scan (``tympan-eager``), and the original design on a CPU: the same model with the sequential
+Rows: tympan as it runs by default (the fused C cross scan: four directions and their merge in one pass, when a
+compiler is there), ``tympan-scan`` (the fused scan kernel inside the eager cross scan and merge), ``tympan-eager``
+(no compiled kernel: the blocked eager scan), and the original design on a CPU: the same model with the sequential
 reference scan in place of the CUDA kernel (peers.md measured the original code that way at 1.17 s). Prints ms,
 the ratios, the model's FLOP/s as a share of the fp32 matmul peak measured in the same run, and a JSON line.
 Goal: tympan <= 350 ms on 2 threads.
@@ -25,19 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import tympan  # noqa: E402
 import tympan.models.dass as dass  # noqa: E402
 from benchmarks.peak import count_flops, load_average, matmul_peak, share_of_peak  # noqa: E402
-from tympan.ops import chunked_scan, selective_scan  # noqa: E402
+from tympan.ops import fused_scan, selective_scan  # noqa: E402
 
 GOAL_MS = 350.0
 
 
 def variant(name: str):
-    """Set the scan DASS uses: "tympan" (default dispatch), "tympan-eager" (no fused kernel), "reference"."""
-    chunked_scan._use_fused = USE_FUSED if name == "tympan" else (lambda *args: False)
+    """Set the scan DASS uses: "tympan" (default: the fused cross scan), "tympan-scan" (the fused scan kernel
+    inside the eager cross scan / merge), "tympan-eager" (no compiled kernel), "reference" (sequential loop)."""
+    fused_scan.available = AVAILABLE if name in ("tympan", "tympan-scan") else (lambda: False)
+    dass.FUSED_CROSS_SCAN = name == "tympan"
     backend = "reference" if name == "reference" else "chunked"
     dass.selective_scan = functools.partial(selective_scan, backend=backend)
 
 
-USE_FUSED = chunked_scan._use_fused
+AVAILABLE = fused_scan.available
 
 
 def main() -> None:
@@ -51,7 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = tympan.create_model("dass-small").eval()
     x = torch.randn(1, 1024, 128) * 0.5  # 10.24 s of normalised fbank
-    names = ["tympan", "tympan-eager"] + ([] if args.skip_reference else ["reference"])
+    names = ["tympan", "tympan-scan", "tympan-eager"] + ([] if args.skip_reference else ["reference"])
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for name in names:  # warm-up (and the fused kernel's one-time build)

@@ -250,3 +250,31 @@ def test_chunked_inference_uses_the_fused_kernel_for_state_size_one(monkeypatch)
     leaves = {k: v.requires_grad_() for k, v in inputs.items()}
     selective_scan(**leaves, delta_softplus=True).sum().backward()  # training keeps the autograd path
     assert len(calls) == 1 and all(v.grad is not None for v in leaves.values())
+
+
+@needs_fused
+@pytest.mark.parametrize("batch, channels, height, width, rank", [(2, 5, 3, 7, 2), (1, 3, 1, 9, 1), (1, 2, 9, 1, 3),
+                                                                   (1, 9, 32, 40, 6)])
+def test_fused_cross_scan_equals_the_four_scans_merged(batch, channels, height, width, rank):
+    """DASS's cross scan (rows, columns, both reversed) with N = 1, merged, against the float64 reference scan;
+    32 x 40 crosses the 512-step tiles."""
+    from tympan.models.dass import cross_merge, cross_scan
+
+    g = torch.Generator().manual_seed(height * width)
+    u = torch.randn(batch, channels, height, width, generator=g)
+    x_proj = 0.3 * torch.randn(4, rank + 2, channels, generator=g)
+    dt_weight = 0.5 * torch.randn(4, channels, rank, generator=g)
+    A = -torch.rand(4, channels, generator=g) - 0.1
+    D, bias = torch.randn(4, channels, generator=g), torch.randn(4, channels, generator=g) - 1
+    length = height * width
+    xs = cross_scan(u)
+    dts, bs, cs = torch.matmul(x_proj, xs).split([rank, 1, 1], dim=2)
+    ys = selective_scan_reference(xs.reshape(batch, -1, length).double(),
+                                  torch.matmul(dt_weight, dts).reshape(batch, -1, length).double(),
+                                  A.reshape(-1, 1).double(), bs.double(), cs.double(), D=D.reshape(-1).double(),
+                                  delta_bias=bias.reshape(-1).double(), delta_softplus=True)
+    expected = cross_merge(ys.reshape(batch, 4, channels, length), height, width)
+    proj = torch.matmul(x_proj.reshape(-1, channels), u.flatten(2)).view(batch, 4, rank + 2, length)
+    merged = fused_scan.cross_scan_merge(u, proj, dt_weight, A, D, bias)
+    assert merged.shape == u.shape and merged.dtype == torch.float32
+    assert_close(merged, expected, atol=2e-5, rtol=1e-5)

@@ -42,7 +42,7 @@ from tympan.models.layers import DropPath, stochastic_depth_rates
 from tympan.models.mamba import dt_bias_init, resolve_dt_rank, s4d_real_log_a
 from tympan.models.protocol import AudioModel, Embeddings
 from tympan.models.registry import ModelEntry, StateDict, Weights, register_model
-from tympan.ops import selective_scan
+from tympan.ops import fused_scan, selective_scan
 
 NUM_DIRECTIONS = 4
 # Inference works on column (time) tiles of this many map positions (batch x rows x columns), and scans a long
@@ -51,6 +51,9 @@ NUM_DIRECTIONS = 4
 TILE_POSITIONS = 1 << 14
 SCAN_TILE_ELEMENTS = 1 << 22
 SCAN_TILE_CHANNELS = 32
+# CPU inference with d_state 1 runs the four scans and their merge as one compiled pass when one is available
+# (tympan.ops.fused_scan.cross_scan_merge); False keeps the eager cross scan (benchmarks compare the two).
+FUSED_CROSS_SCAN = True
 
 # ------------------------------------------------------------------------------------------- functional core
 
@@ -201,6 +204,9 @@ class SS2D(nn.Module):
         accumulating into the merged map, so no four-fold copy of the map exists. Both orders add the same terms
         in the same order. ``tile_elements``: the size above which the map is scanned in tiles (tests lower it).
         """
+        if (FUSED_CROSS_SCAN and tiled_inference() and self.d_state == 1 and u.device.type == "cpu"
+                and u.dtype != torch.float64 and fused_scan.available()):
+            return self._mix_fused(u)
         if tiled_inference() and NUM_DIRECTIONS * u.numel() > tile_elements:
             return self._mix_tiled(u, tile_elements)
         b, c, h, w = u.shape
@@ -220,6 +226,14 @@ class SS2D(nn.Module):
             delta_softplus=True,
         )
         return cross_merge(ys.reshape(b, NUM_DIRECTIONS, c, h * w), h, w)
+
+    def _mix_fused(self, u: Tensor) -> Tensor:
+        """CPU inference with N = 1: the four scans and their merge in one C pass per channel
+        (:func:`tympan.ops.fused_scan.cross_scan_merge`); x_proj is per position, so it runs on the row-order map."""
+        b, c, h, w = u.shape
+        proj = torch.matmul(self.x_proj_weight.reshape(-1, c), u.flatten(2)).view(b, NUM_DIRECTIONS, -1, h * w)
+        A, D, delta_bias = self.scan_parameters()
+        return fused_scan.cross_scan_merge(u, proj, self.dt_projs_weight, A[..., 0], D, delta_bias)
 
     def _mix_tiled(self, u: Tensor, tile_elements: int) -> Tensor:
         b, c, h, w = u.shape

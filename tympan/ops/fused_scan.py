@@ -26,7 +26,7 @@ from torch import Tensor
 
 from tympan.ops import native
 
-__all__ = ["available", "fused_scan_forward", "build_error"]
+__all__ = ["available", "fused_scan_forward", "cross_scan_merge", "build_error"]
 
 TILE = 512
 
@@ -222,12 +222,86 @@ int tympan_scan_f32(int64_t c0, int64_t c1, int64_t channels, int64_t length, in
     free(work);
     return 0;
 }
+
+/* VMamba/DASS cross scan with N = 1, merged: for channels [c0, c1) of [batch * channels], the four readings of the
+   map (0 rows, 1 columns, 2 rows reversed, 3 columns reversed) are scanned and their outputs summed into out
+   [b, c, H*W] (row order). proj [b, 4, R + 2, L] holds each direction's low-rank dt, B and C at every map
+   position, in row order for directions 0 and 2 and in column order for 1 and 3; dt_w [4, channels, R]; A, Dskip,
+   bias [4, channels]. Per channel the map is transposed once into a scratch buffer, so every direction reads
+   contiguous memory (forwards or backwards), and the four recurrences run interleaved. */
+int tympan_cross_scan_f32(int64_t c0, int64_t c1, int64_t channels, int64_t height, int64_t width, int64_t rank,
+                          const float *u, const float *proj, const float *dt_w, const float *A,
+                          const float *Dskip, const float *bias, float *out) {
+    int64_t length = height * width, rows = rank + 2;
+    float *work = (float *)malloc(sizeof(float) * ((size_t)TILE * 9 + 2 * (size_t)length));
+    if (!work) return 1;
+    float *dec = work, *x = work + 4 * TILE, *del = work + 8 * TILE;
+    float *ut = work + 9 * TILE, *ot = ut + length;
+    for (int64_t ch = c0; ch < c1; ++ch) {
+        int64_t b = ch / channels, c = ch %% channels;
+        const float *u_c = u + ch * length;
+        float *o = out + ch * length;
+        for (int64_t i = 0; i < height; ++i)
+            for (int64_t j = 0; j < width; ++j) ut[j * height + i] = u_c[i * width + j];
+        for (int64_t p = 0; p < length; ++p) { o[p] = 0.0f; ot[p] = 0.0f; }
+        float h[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+            int64_t n = length - t0 < TILE ? length - t0 : TILE;
+            for (int64_t k = 0; k < 4; ++k) {
+                /* positions of this tile in the direction's own order: [t0, t0 + n) forwards, the mirror backwards */
+                int64_t first = k >= 2 ? length - t0 - n : t0;
+                const float *src = (k & 1) ? ut : u_c;
+                const float *P = proj + (b * 4 + k) * rows * length;
+                const float *w = dt_w + (k * channels + c) * rank;
+                float a_c = A[k * channels + c], bias_c = bias[k * channels + c];
+                float *dk = dec + k * TILE, *xk = x + k * TILE;
+                for (int64_t t = 0; t < n; ++t) del[t] = bias_c;
+                for (int64_t r = 0; r < rank; ++r) {
+                    const float *Pr = P + r * length + first;
+                    float wr = w[r];
+                    for (int64_t t = 0; t < n; ++t) del[t] = __builtin_fmaf(wr, Pr[t], del[t]);
+                }
+                const float *Bp = P + rank * length + first, *up = src + first;
+                for (int64_t t = 0; t < n; ++t) {
+                    float d = softplus20(del[t]);
+                    dk[t] = exp_poly(d * a_c);
+                    xk[t] = d * up[t] * Bp[t];
+                }
+            }
+            /* four independent recurrences; 2 and 3 walk their buffers backwards */
+            float *d0 = dec, *d1 = dec + TILE, *d2 = dec + 2 * TILE, *d3 = dec + 3 * TILE;
+            float *x0 = x, *x1 = x + TILE, *x2 = x + 2 * TILE, *x3 = x + 3 * TILE;
+            float h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];
+            for (int64_t t = 0; t < n; ++t) {
+                int64_t s = n - 1 - t;
+                h0 = __builtin_fmaf(d0[t], h0, x0[t]); x0[t] = h0;
+                h1 = __builtin_fmaf(d1[t], h1, x1[t]); x1[t] = h1;
+                h2 = __builtin_fmaf(d2[s], h2, x2[s]); x2[s] = h2;
+                h3 = __builtin_fmaf(d3[s], h3, x3[s]); x3[s] = h3;
+            }
+            h[0] = h0; h[1] = h1; h[2] = h2; h[3] = h3;
+            for (int64_t k = 0; k < 4; ++k) {
+                int64_t first = k >= 2 ? length - t0 - n : t0;
+                const float *src = ((k & 1) ? ut : u_c) + first;
+                const float *Cp = proj + (b * 4 + k) * rows * length + (rank + 1) * length + first;
+                float d_c = Dskip[k * channels + c];
+                float *dst = ((k & 1) ? ot : o) + first, *hs = x + k * TILE;
+                for (int64_t t = 0; t < n; ++t) dst[t] += __builtin_fmaf(d_c, src[t], Cp[t] * hs[t]);
+            }
+        }
+        for (int64_t i = 0; i < height; ++i)
+            for (int64_t j = 0; j < width; ++j) o[i * width + j] += ot[j * height + i];
+    }
+    free(work);
+    return 0;
+}
 """
 
 _LIBRARY = native.NativeLibrary(
     "fused_scan", SOURCE % {"tile": TILE},
     {"tympan_scan_f32": (native.INT, [native.I64] * 6 + [native.PTR] * 4 + [native.I64] * 4 + [native.PTR]
-                         + [native.I64] * 4 + [native.PTR] * 3 + [native.INT] + [native.PTR] * 2)},
+                         + [native.I64] * 4 + [native.PTR] * 3 + [native.INT] + [native.PTR] * 2),
+     "tympan_cross_scan_f32": (native.INT, [native.I64] * 6 + [native.PTR] * 7)},
     switch="TYMPAN_FUSED_SCAN")
 
 
@@ -278,3 +352,39 @@ def fused_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
     native.parallel_ranges(b * d, run, min_items=max(1, 32768 // max(length, 1)))
     return y, last
+
+
+def cross_scan_merge(u: Tensor, proj: Tensor, dt_weight: Tensor, A: Tensor, D: Tensor,
+                     delta_bias: Tensor) -> Tensor:
+    """DASS's four-direction scan of a map, merged, in one pass per channel (float32 CPU inference, N = 1).
+
+    ``u`` [b, c, H, W]; ``proj`` [b, 4, R + 2, H*W]: each direction's x_proj output (low-rank dt, B, C) at every
+    map position in row order; ``dt_weight`` [4, c, R]; ``A``, ``D``, ``delta_bias`` [4, c]. Returns the sum over
+    directions of the selective scans (softplus on) as a row-order map [b, c, H, W], equal to
+    ``cross_merge(selective_scan(cross_scan(u), ...))`` up to float rounding, without forming the four readings,
+    the full-size dt or the per-direction outputs (memory: ``u``, the output and one map per thread).
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"fused scan unavailable: {_LIBRARY.error}")
+    b, c, h, w = u.shape
+    rank = dt_weight.shape[-1]
+    if proj.shape != (b, 4, rank + 2, h * w) or A.shape != (4, c) or dt_weight.shape != (4, c, rank):
+        raise ValueError(f"cross_scan_merge: proj {tuple(proj.shape)}, A {tuple(A.shape)}, dt_weight "
+                         f"{tuple(dt_weight.shape)} do not fit u {tuple(u.shape)} with state size 1")
+    u, dt_weight = u.float().contiguous(), dt_weight.float().contiguous()
+    proj = proj.float().view(b, 4, rank + 2, h, w)
+    rows = proj[:, 0::2].reshape(b, 2, rank + 2, h * w)
+    cols = proj[:, 1::2].transpose(-1, -2).reshape(b, 2, rank + 2, h * w)  # directions 1 and 3 in column order
+    proj = torch.stack([rows, cols], 2).reshape(b, 4, rank + 2, h * w)
+    A, D, delta_bias = (t.float().contiguous() for t in (A, D, delta_bias))
+    out = torch.empty(b, c, h, w)
+
+    def run(start: int, stop: int) -> None:
+        if lib.tympan_cross_scan_f32(start, stop, c, h, w, rank, u.data_ptr(), proj.data_ptr(),
+                                     dt_weight.data_ptr(), A.data_ptr(), D.data_ptr(), delta_bias.data_ptr(),
+                                     out.data_ptr()):
+            raise MemoryError("cross scan: out of memory for its tile buffers")
+
+    native.parallel_ranges(b * c, run)
+    return out
