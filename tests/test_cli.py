@@ -236,3 +236,10 @@ def test_features_refuses_a_1_hz_header_in_one_line(tmp_path, capsys):
     assert main(["features", str(clip), "--frontend", "dasheng-mel", "-o", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "implausible sample rate in the header 1 Hz" in err and "0 of 1 files written" in err
+
+
+@pytest.mark.parametrize("chunk", ["nan", "inf", "0", "-2"])
+def test_tag_refuses_a_chunk_that_is_not_a_positive_number(tmp_path, chunk, capsys):
+    clip = _tone_file(tmp_path / "x.wav")
+    assert main(["tag", str(clip), "--model", "sat-tiny-2s", "--random", "--chunk", chunk]) == 2
+    assert "--chunk" in capsys.readouterr().err

@@ -225,8 +225,8 @@ def _run_tag(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
-    if args.chunk is not None and args.chunk <= 0:
-        raise UserError("--chunk must be positive")
+    if args.chunk is not None and not 0 < args.chunk < float("inf"):  # nan and inf too
+        raise UserError(f"--chunk must be a positive number of seconds, got {args.chunk}")
     _check_precision_backend(args)
     runner = _onnx_runner(args) if args.backend == "onnx" else None
     model = _load_model(args) if runner is None else None
