@@ -173,6 +173,11 @@ def test_resume_problems_are_one_line(tmp_path, data_dir, capsys):
     assert main(["train", str(recipe), "--set", "optim.lr=0.01", "--resume"]) == 0
     assert "warning: optim.lr changed since the checkpoint" in capsys.readouterr().err
     checkpoint = out / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "world_size": 2}, checkpoint)  # as if written by a 2-process run
+    assert main(["train", str(recipe), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "written by 2 processes" in err and len(err.strip().splitlines()) == 1
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     assert main(["train", str(recipe), "--resume"]) == 2
     err = capsys.readouterr().err
