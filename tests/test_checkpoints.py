@@ -51,8 +51,10 @@ def test_every_registered_entry_has_a_source_and_description():
         entry = get_model_entry(name)
         assert entry.description, name
         assert entry.sample_rate == 16000
-        if entry.weights is not None:
-            assert entry.weights.url.startswith("https://"), name
+        if entry.weights is not None:  # official files over https, or ours shipped in the package with a checksum
+            assert entry.weights.url.startswith(("https://", "package://")), name
+            if entry.weights.url.startswith("package://"):
+                assert entry.weights.sha256 is not None and len(entry.weights.sha256) == 64, name
 
 
 def test_official_dataparallel_checkpoint_loads_and_is_eval(tmp_path):

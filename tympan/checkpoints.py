@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tympan.labels import LabelSet
-from tympan.models.registry import StateDict, Weights, create_model, get_model_entry
+from tympan.models.registry import DEFAULT_MODEL, StateDict, Weights, create_model, get_model_entry
 
 logger = logging.getLogger(__name__)
 
@@ -299,8 +299,10 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "ch
     model.load_state_dict(state, strict=True)
 
 
-def load(model_id: str, checkpoint: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
+def load(model_id: str | None = None, checkpoint: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
     """Build ``model_id`` and load weights into it; returns the model in eval mode.
+
+    Without arguments: the shipped default model (:data:`tympan.models.DEFAULT_MODEL`), offline.
 
     ``checkpoint`` is a local file in an official layout or our safetensors; without it the registered
     official weights are downloaded (once) into :func:`cache_dir`. ``model_id`` may also be the path of
@@ -308,6 +310,8 @@ def load(model_id: str, checkpoint: str | os.PathLike | None = None, **overrides
     (e.g. ``num_classes=10``, ``input_tdim=512``); the family's converter adapts official weights to it
     the way the original code does (positional-embedding cuts and interpolation, for instance).
     """
+    if model_id is None and checkpoint is None:
+        model_id = DEFAULT_MODEL
     if checkpoint is None and str(model_id).endswith(SAFETENSORS_SUFFIX):
         checkpoint, model_id = model_id, None
     if checkpoint is None:

@@ -10,6 +10,7 @@ import pkgutil
 
 from tympan.models.protocol import AudioModel, Embeddings, audio_model
 from tympan.models.registry import (
+    DEFAULT_MODEL,
     ModelEntry,
     UnknownModelError,
     Weights,
@@ -26,6 +27,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "DEFAULT_MODEL",
     "AudioModel",
     "Embeddings",
     "ModelEntry",

@@ -64,6 +64,10 @@ class ModelEntry:
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
+# The model every tool uses when none is named (tympan.load(), tag, embed, listen, export, hear.load_model): trained
+# here, shipped inside the package, loaded offline (see tympan/assets/MODEL_CARD.md).
+DEFAULT_MODEL = "tymnet-s"
+
 
 class UnknownModelError(KeyError):
     """Raised for a model id that is not registered."""
