@@ -17,3 +17,17 @@ def test_unknown_attribute_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tympan.nope  # noqa: B018
+
+
+def test_import_tympan_and_the_cli_import_no_torch():
+    """A command that reads a pipe (``tympan listen -``) starts before torch loads: neither import pulls it in."""
+    code = "import sys, tympan, tympan.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_load_without_arguments_is_the_default_model():
+    import tympan
+
+    assert tympan.DEFAULT_MODEL in tympan.list_models()
+    assert tympan.get_model_entry(tympan.DEFAULT_MODEL).weights.url.startswith("package://")
