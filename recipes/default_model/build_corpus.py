@@ -132,7 +132,7 @@ def label_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher
         rng.shuffle(order)
         rank.update({n: r for r, n in enumerate(order)})
     order = sorted(range(len(items)), key=lambda n: (items[n][0].source not in first, rank[n], n))
-    todo = [items[n] for n in order if not cache.has(items[n][0].key)]
+    todo = [items[n] for n in order if not _labelled(cache, *items[n])]
     log(f"labelling {len(todo)} of {len(items)} files")
     for n, (item, cap) in enumerate(todo):
         try:
@@ -144,9 +144,20 @@ def label_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher
             log(f"skip {item.key}: too short or silent")
             continue
         arrays = C.label_waveform(waveform, teacher, cap)
-        cache.put(item, arrays, {"seconds": len(waveform) / C.SAMPLE_RATE, "split": C.split_of(item.key, heldout, seed)})
+        cache.put(item, arrays, {"seconds": len(waveform) / C.SAMPLE_RATE, "split": C.split_of(item.key, heldout, seed),
+                                 "max_patches": cap})  # fmt: skip
         if n % 200 == 0:
             log(f"  {n}/{len(todo)} {item.key}")
+
+
+def _labelled(cache: C.LabelCache, item: C.AudioItem, cap: int) -> bool:
+    """In the cache with at least `cap` patches kept (or all of a shorter file): raising a cap relabels the file."""
+    if not cache.has(item.key):
+        return False
+    meta, arrays = cache.get(item.key)
+    samples = max(round(meta["seconds"] * C.SAMPLE_RATE), MIN_SAMPLES)
+    total = 1 + -(-(samples - MIN_SAMPLES) // PATCH_HOP_SAMPLES)  # patches in the whole file
+    return len(arrays["index"]) >= min(cap, total)
 
 
 def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: YAMNet, cfg: dict[str, Any]) -> None:

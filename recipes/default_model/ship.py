@@ -4,8 +4,9 @@
 
 Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json`` and ``corpus_table.md``, and an
 optional ``benchmarks/bench_default_model.py --json`` result; writes ``tymnet-s.safetensors`` (float32),
-``tymnet-s.json`` (SHA-256, config, labels, frontend, training and evaluation figures), ``tymnet-s.corpus.csv.gz``
-(every source file with package, version, licence and split) and ``NOTICE.tymnet-s.md``. The model card
+``tymnet-s.json`` (tympan's sidecar: model id, config, labels with mids; under ``extra`` the SHA-256, frontend,
+lineage, training and evaluation figures), ``tymnet-s.corpus.csv.gz`` (every source file with package, version,
+licence and split) and ``NOTICE.tymnet-s.md``, and records the new SHA-256 in ``tympan/models/tymnet.py``. The model card
 (``MODEL_CARD.md``) is written by hand from these figures.
 """
 
@@ -38,32 +39,33 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(recipe["train"]["out"])
     shards = Path(recipe["corpus"]["shards"])
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    state = {k: v.detach().contiguous() for k, v in ckpt["ema"].items()}
-    weights = ASSETS / "tymnet-s.safetensors"
-    save_file(state, str(weights), metadata={"format": "pt", "model_id": "tymnet-s", "step": str(ckpt["step"])})
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    from tympan.models import create_model
 
-    from tympan.models import get_model_entry
-
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in get_model_entry("tymnet-s").config.items()}
+    model = create_model("tymnet-s", **recipe["model"].get("overrides", {}))
+    model.load_state_dict(ckpt["ema"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sidecar = {
-        "weights": weights.name,
-        "sha256": digest,
-        "model_id": "tymnet-s",
-        "config": config,
-        "labels": "tymnet_labels.csv (YAMNet's 521 AudioSet classes: index, mid, display_name)",
-        "frontend": "YAMNet log-mel: 16 kHz, 25 ms periodic Hann, 10 ms hop, 512-point FFT magnitude, 64 HTK mel "
-                    "125-7500 Hz, log(mel + 0.001); 0.96 s patches every 0.48 s",
-        "license": "Apache-2.0 (weights: tympan); see NOTICE.tymnet-s.md for the training data",
-        "notes": "distilled from a quantized export of Google's YAMNet (Apache-2.0); no teacher weights included",
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train import FRONTEND, export
+
+    weights = ASSETS / "tymnet-s.safetensors"
+    info = {
+        "frontend": FRONTEND,
+        "lineage": "distilled from the outputs of a quantized ONNX export of Google's YAMNet (Apache-2.0); no "
+                   "teacher weights included; labels: AudioSet ontology (CC BY-SA 4.0)",
+        "notice": "NOTICE.tymnet-s.md",
         "training": {"steps": int(ckpt["step"]), "minutes_one_thread": round(float(ckpt["seconds"]) / 60, 1),
-                     "batch_size": recipe["train"]["batch_size"], "recipe": "recipes/default_model.yaml"},
-        "heldout_during_training": metrics[-1] if metrics else None,
+                     "batch_size": recipe["train"]["batch_size"], "recipe": "recipes/default_model.yaml",
+                     "heldout_agreement": metrics[-1] if metrics else None},
     }
     if args.bench:
-        sidecar["evaluation"] = json.loads(Path(args.bench).read_text())
-    (ASSETS / "tymnet-s.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        info["evaluation"] = json.loads(Path(args.bench).read_text())
+    digest = export(model, weights, info)
+    weights.chmod(0o644)
+    source = Path(__file__).resolve().parents[2] / "tympan" / "models" / "tymnet.py"
+    text = source.read_text()
+    start = text.index("SHIPPED_SHA256: str | None = ")
+    end = text.index("\n", start)
+    source.write_text(text[:start] + f'SHIPPED_SHA256: str | None = "{digest}"' + text[end:])
 
     manifest = json.loads((shards / "manifest.json").read_text())
     buffer = io.StringIO()

@@ -30,6 +30,10 @@ from tympan.models import create_model
 from tympan.train.objectives import scores_embedding_loss
 
 
+FRONTEND = ("YAMNet log-mel: 16 kHz, 25 ms periodic Hann, 10 ms hop, 512-point FFT magnitude, 64 HTK mel bands "
+            "125-7500 Hz, log(mel + 0.001); 0.96 s patches every 0.48 s")
+
+
 def log(*args: Any) -> None:
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
@@ -79,8 +83,9 @@ def agreement(model: torch.nn.Module, data: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def export(model: torch.nn.Module, path: Path, info: dict[str, Any]) -> None:
-    """EMA weights as safetensors (float32) plus ``<name>.json`` (sha256, config, figures)."""
+def export(model: torch.nn.Module, path: Path, info: dict[str, Any]) -> str:
+    """EMA weights as safetensors (float32) plus tympan's sidecar ``<name>.json`` (model id, config, labels with
+    mids, and under ``extra`` the SHA-256, frontend and training figures); returns the SHA-256."""
     import hashlib
 
     from safetensors.torch import save_file
@@ -88,9 +93,14 @@ def export(model: torch.nn.Module, path: Path, info: dict[str, Any]) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt", "model_id": "tymnet-s"})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    sidecar = {"weights": path.name, "sha256": digest, **info}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.tympan_config.items()}
+    labels = model.labels
+    sidecar = {"model_id": "tymnet-s", "config": config,
+               "labels": {"mids": list(labels.mids), "names": list(labels.names)},
+               "extra": {"sha256": digest, **info}}  # fmt: skip
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
     log(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...)")
+    return digest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         step, trained_seconds = int(ckpt["step"]), float(ckpt["seconds"])
         log(f"resumed at step {step} ({trained_seconds / 60:.1f} min trained)")
     if args.export:
-        export(ema, Path(args.export), {"step": step, "train_minutes": round(trained_seconds / 60, 1)})
+        export(ema, Path(args.export), {"step": step, "train_minutes_one_thread": round(trained_seconds / 60, 1),
+                                        "frontend": FRONTEND, "recipe": "recipes/default_model.yaml"})
         return 0
 
     train = C.load_shards(shards, "train")

@@ -220,18 +220,18 @@ def _build(**config: Any) -> TymNet:
     return TymNet(**config)
 
 
-_WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "tymnet-s.json"
+WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "tymnet-s.safetensors"
+# SHA-256 of the shipped weights (package data); set when recipes/default_model/ship.py ships a new file
+SHIPPED_SHA256: str | None = None
 
 
 def _shipped_weights() -> Weights | None:
-    """The package-data weights named by the sidecar ``tympan/assets/tymnet-s.json`` (None before they ship)."""
-    if not _WEIGHTS_FILE.is_file():
+    """The package-data weights (resolved offline, SHA-256 checked by :mod:`tympan.checkpoints`), once shipped."""
+    if SHIPPED_SHA256 is None or not WEIGHTS_FILE.is_file():
         return None
-    import json
-
-    sidecar = json.loads(_WEIGHTS_FILE.read_text())
-    return Weights(url=f"package://tympan/assets/{sidecar['weights']}", sha256=sidecar["sha256"],
-                   license=sidecar.get("license"), notes=sidecar.get("notes", ""))  # fmt: skip
+    return Weights(url=f"package://tympan/assets/{WEIGHTS_FILE.name}", sha256=SHIPPED_SHA256,
+                   license="Apache-2.0 (training data: NOTICE.tymnet-s.md)",
+                   notes="distilled from YAMNet's outputs; no teacher weights included")  # fmt: skip
 
 
 register_model(
@@ -257,19 +257,23 @@ class ChecksumError(ValueError):
     """A weights file whose SHA-256 differs from the one its sidecar records."""
 
 
-def load_shipped(weights: str | Path | None = None, **overrides: Any) -> TymNet:
-    """The shipped default model from package data, offline: the sidecar ``<weights>.json`` names the file and
-    its SHA-256, which is checked before the tensors are read (a changed file raises :class:`ChecksumError`)."""
+def load_shipped(weights: str | Path | None = None, sha256: str | None = None, **overrides: Any) -> TymNet:
+    """The shipped default model from package data, offline; the file's SHA-256 is checked before its tensors are
+    read (against `sha256`, by default the registered :data:`SHIPPED_SHA256`), so a changed file raises
+    :class:`ChecksumError`. The sidecar ``<weights>.json`` (tympan's format) gives the config."""
     import hashlib
     import json
 
     from safetensors.torch import load_file
 
-    path = Path(weights) if weights is not None else _WEIGHTS_FILE.with_name(json.loads(_WEIGHTS_FILE.read_text())["weights"])
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    path = Path(weights) if weights is not None else WEIGHTS_FILE
+    expected = sha256 if sha256 is not None else SHIPPED_SHA256
+    if expected is None:
+        raise ChecksumError(f"{path}: no SHA-256 to check it against (the default model is not shipped yet)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sidecar["sha256"]:
-        raise ChecksumError(f"{path}: SHA-256 {digest} does not match {sidecar['sha256']} in its sidecar")
+    if digest != expected:
+        raise ChecksumError(f"{path}: SHA-256 {digest} does not match the expected {expected}")
+    sidecar = json.loads(path.with_suffix(".json").read_text())
     from tympan.models.registry import create_model
 
     model = create_model("tymnet-s", **{**sidecar.get("config", {}), **overrides})
