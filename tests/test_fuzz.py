@@ -182,7 +182,7 @@ def test_tympan_load_on_random_bytes(data, suffix):
             pass
 
 
-@FUZZ
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.one_of(st.binary(max_size=300).map(lambda b: b.decode("latin-1")),
                  st.fixed_dictionaries({"model_id": st.sampled_from(["ssast-tiny-frame", "nope", 3]),
                                         "config": st.dictionaries(st.sampled_from(
@@ -227,7 +227,7 @@ def sat_checkpoint() -> str:
     return str(fixtures_root() / "sat-tiny-2s" / "checkpoint.pt")
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(files=st.lists(hostile_audio(), min_size=1, max_size=2),
        chunk=st.sampled_from([None, "0.5", "2", "-1", "0", "nan"]), fmt=st.sampled_from(["text", "json", "csv"]))
 def test_cli_tag_on_hostile_files(sat_checkpoint, files, chunk, fmt):
