@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import pickle
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from tympan.errors import TympanError
 from tympan.labels import LabelSet
 from tympan.models.registry import DEFAULT_MODEL, StateDict, Weights, create_model, get_model_entry
 
@@ -45,7 +45,7 @@ PACKAGE_SCHEME = "package://"  # weights shipped as package data: package://tymp
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TympanError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
@@ -97,7 +97,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
 
 
 _SIDECAR_TYPES: dict[str, type | tuple[type, ...]] = {"model_id": str, "config": dict, "labels": dict, "extra": dict}
-MAX_PARAMETERS = 20_000_000_000  # a config asking for more is a damaged or hostile sidecar, not a model
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
@@ -129,54 +128,16 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def validate_config(model_id: str, config: Mapping[str, Any], source: str) -> None:
-    """Refuse a stored config that the registered model does not take: unknown keys, values of another type than
-    the registered default, or sizes that would allocate more than :data:`MAX_PARAMETERS` parameters (checked on
-    the meta device, so nothing is allocated)."""
-    entry = get_model_entry(model_id)
-    settings = _builder_settings(entry)
-    for key, value in config.items():
-        if key not in entry.config and key not in settings:
-            raise CheckpointError(f"{source}: config key {key!r} is not a setting of {model_id}")
-        default = entry.config[key] if key in entry.config else settings[key]
-        if default is None or value is None:
-            continue
-        if isinstance(default, bool) or isinstance(value, bool):
-            ok = isinstance(default, bool) and isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and (isinstance(value, int) or not isinstance(default, int))
-            ok = ok and math.isfinite(value)
-        elif isinstance(default, (list, tuple)):
-            ok = isinstance(value, (list, tuple))
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise CheckpointError(
-                f"{source}: config key {key!r} must be like {default!r} ({type(default).__name__}), got {value!r}"
-            )
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0 and value < 0:
-            raise CheckpointError(f"{source}: config key {key!r} must be >= 0, got {value!r}")
-    try:
-        with torch.device("meta"):
-            probe = create_model(model_id, **dict(config))
-    except CheckpointError:
-        raise
-    except Exception as err:  # the builder's own check of an impossible config
-        raise CheckpointError(f"{source}: config does not build {model_id} ({_first_line(err)})") from None
-    count = sum(p.numel() for p in probe.parameters())
-    if count > MAX_PARAMETERS:
-        raise CheckpointError(f"{source}: config asks for {count:.3g} parameters; refusing (limit {MAX_PARAMETERS:.0e})")
-
-
-def _builder_settings(entry: Any) -> dict[str, Any]:
-    """The keyword settings a family's builder takes, with their defaults (``None`` where it has none)."""
-    import inspect
+    """Refuse a stored config the registered model does not take (unknown keys, values unlike the registered ones,
+    sizes past the limit counted on the meta device): :func:`tympan.models.registry.check_config`, as one
+    :class:`CheckpointError` naming the file."""
+    from tympan.errors import ConfigError
+    from tympan.models.registry import check_config
 
     try:
-        parameters = inspect.signature(entry.build).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in parameters
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        check_config(model_id, config, "config")
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def _first_line(err: BaseException) -> str:

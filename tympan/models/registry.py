@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from tympan.errors import TympanError
+
 StateDict = dict[str, torch.Tensor]
 # (official state dict with container/prefix already removed, freshly built model) -> our state dict
 ConvertFn = Callable[[StateDict, nn.Module], StateDict]
@@ -69,7 +71,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 DEFAULT_MODEL = "tymnet-s"
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(TympanError, KeyError):
     """Raised for a model id that is not registered."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want a readable sentence
@@ -103,6 +105,101 @@ def get_model_entry(name: str) -> ModelEntry:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `tympan models` lists them"
         raise UnknownModelError(f"unknown model id {name!r}{hint}") from None
+
+
+MAX_PARAMETERS = 20_000_000_000  # 80 GB of float32 weights: far past any registered model (Dasheng 1.2B)
+MAX_INT_SETTING = 1 << 20  # no model dimension, depth or frame count is near this; 1e9 widths are refused
+
+
+def builder_settings(entry: ModelEntry) -> dict[str, Any]:
+    """Every setting ``entry`` takes: its registered config plus the builder's other keyword arguments, with defaults
+    (``None`` where the builder gives none)."""
+    import inspect
+
+    settings = dict(entry.config)
+    try:
+        parameters = inspect.signature(entry.build).parameters
+    except (TypeError, ValueError):  # pragma: no cover (builtins)
+        parameters = {}
+    for name, param in parameters.items():
+        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and name not in settings:
+            settings[name] = None if param.default is param.empty else param.default
+    return settings
+
+
+def check_config(model_id: str, config: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
+    """Refuse settings ``model_id`` does not take: unknown names, values unlike the registered ones (type, list length,
+    range), and sizes past :data:`MAX_PARAMETERS`, counted on the meta device so nothing is allocated.
+
+    One check for every place a config comes from: recipe ``model.overrides``, teacher overrides, checkpoint
+    sidecars. Raises :class:`tympan.errors.ConfigError` naming ``where.key``.
+    """
+    from tympan.errors import ConfigError
+
+    try:
+        entry = get_model_entry(model_id)
+    except UnknownModelError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    settings = builder_settings(entry)
+    for name, value in config.items():
+        if name not in settings:
+            raise ConfigError(f"unknown config key {where}.{name} for model {model_id!r}")
+        _check_value(value, settings[name], f"{where}.{name}")
+    full = {**dict(entry.config), **{k: v for k, v in config.items() if v is not None}}
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = entry.build(**full)
+    except Exception as err:  # noqa: BLE001 (the builder's own refusal of an impossible config)
+        text = str(err).strip().splitlines()
+        raise ConfigError(f"{where}: does not build {model_id} ({text[0] if text else type(err).__name__})") from None
+    count = sum(p.numel() for p in probe.parameters()) + sum(b.numel() for b in probe.buffers())
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"{where}: {model_id} with these settings would hold {count:.3g} weights "
+                          f"(limit {MAX_PARAMETERS:.0e}); check the sizes")  # fmt: skip
+    return dict(config)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_value(value: Any, default: Any, key: str) -> None:
+    """``value`` must be like the registered ``default``: same kind, integers in [0, MAX_INT_SETTING], finite floats."""
+    import math
+
+    from tympan.errors import ConfigError
+
+    if value is None:
+        return
+    if default is None:  # no registered value to compare with: only numbers are range-checked
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_value(value, value, key)
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(default, bool) and isinstance(value, bool)):
+            raise ConfigError(f"{key} must be {'true or false' if isinstance(default, bool) else 'a number'}, "
+                              f"got {_describe(value)}")  # fmt: skip
+    elif isinstance(default, int):
+        if not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+        if not 0 <= value <= MAX_INT_SETTING:
+            raise ConfigError(f"{key} must be in [0, {MAX_INT_SETTING}], got {_describe(value)}")
+    elif isinstance(default, float):
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {_describe(value)}")
+        if not math.isfinite(value) or abs(value) > 1e6:
+            raise ConfigError(f"{key} is out of range, got {_describe(value)}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+    elif isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"{key} must be a list of {len(default)} values, got {_describe(value)}")
+        for item, item_default in zip(value, default):
+            _check_value(item, item_default, key)
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

@@ -399,80 +399,13 @@ def check_selection(selection: Any, where: str) -> dict | list:
 
 
 # ------------------------------------------------------------------------------------------------ model configs
-_MAX_INT_ENTRY = 1 << 20  # no model dimension, depth or frame count is near this; 1e9 widths are refused
-
-
 def check_model_overrides(model_id: str, overrides: dict[str, Any], where: str = "model.overrides") -> dict[str, Any]:
-    """Check config entries for a registered model: known names, the registered value's type, sane sizes.
+    """Check config entries for a registered model (``model.overrides``, the teacher's overrides): known names,
+    the registered value's type and range, sane sizes. The check itself is the registry's, shared with checkpoint
+    sidecars: :func:`tympan.models.registry.check_config`."""
+    from tympan.models.registry import check_config
 
-    Used for ``model.overrides`` and the teacher's overrides; also fits a saved model's sidecar config.
-    """
-    from tympan.models.registry import UnknownModelError, get_model_entry
-
-    try:
-        entry = get_model_entry(model_id)
-    except UnknownModelError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    defaults = dict(entry.config)
-    try:
-        parameters = inspect.signature(entry.build).parameters
-    except (TypeError, ValueError):  # pragma: no cover (builtins)
-        parameters = {}
-    for name, param in parameters.items():
-        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and name not in defaults:
-            defaults[name] = None if param.default is param.empty else param.default
-    for name, value in overrides.items():
-        key = f"{where}.{name}"
-        if name not in defaults:
-            raise ConfigError(f"unknown config key {key!r} for model {model_id!r}")
-        _check_model_value(value, defaults[name], key)
-    _check_model_size(entry, overrides, where)
-    return dict(overrides)
-
-
-MAX_PARAMETERS = 20_000_000_000  # 80 GB of float32 weights: far past any registered model (Dasheng 1.2B)
-
-
-def _check_model_size(entry: Any, overrides: dict[str, Any], where: str) -> None:
-    """Build the model on the meta device (no memory) and refuse absurd sizes before anything is allocated."""
-    import torch
-
-    config = {**dict(entry.config), **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        with torch.device("meta"):
-            model = entry.build(**config)
-    except Exception:  # noqa: BLE001 (a config the builder refuses is reported when the model is really built)
-        return
-    count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    if count > MAX_PARAMETERS:
-        raise ConfigError(f"{where}: {entry.name} with these settings would hold {count:.3g} weights "
-                          f"(limit {MAX_PARAMETERS:.0e}); check the sizes")  # fmt: skip
-
-
-def _check_model_value(value: Any, default: Any, key: str) -> None:
-    if value is None or default is None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            _check_model_value(value, value, key)
-        return
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
-    elif isinstance(default, int):
-        _number(value, key, integer=True)
-        if not 0 <= value <= _MAX_INT_ENTRY:
-            raise ConfigError(f"{key} must be in [0, {_MAX_INT_ENTRY}], got {_describe(value)}")
-    elif isinstance(default, float):
-        number = _number(value, key, integer=False)
-        if abs(number) > 1e6:
-            raise ConfigError(f"{key} is out of range, got {_describe(value)}")
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {_describe(value)}")
-    elif isinstance(default, (list, tuple)):
-        if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            raise ConfigError(f"{key} must be a list of {len(default)} values, got {_describe(value)}")
-        for item, item_default in zip(value, default):
-            _check_model_value(item, item_default, key)
+    return check_config(model_id, overrides, where)
 
 
 # ------------------------------------------------------------------------------------------------ loading
