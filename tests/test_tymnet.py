@@ -130,23 +130,43 @@ def test_shipped_weights_load_offline_and_checksum(tmp_path, monkeypatch):
         load_shipped(copy)
 
 
+def _top_group(model: TymNet, probs: torch.Tensor) -> str:
+    """AudioSet group of the best specific class (the generic 'other' group, e.g. Silence, Sound effect, left out)."""
+    from tympan.data.corpus import GROUPS, class_groups
+
+    groups = class_groups()
+    probs = probs.clone()
+    probs[..., torch.from_numpy(groups == GROUPS.index("other"))] = 0
+    return GROUPS[groups[int(probs.argmax())]]
+
+
 @shipped
 @torch.no_grad()
 def test_shipped_model_tags_make_sense(data_dir):
-    """The AudioSet group of the best specific class (generic ones such as Silence or Sound effect left out) on
-    clips of shared ESC-10 categories (dog, rooster: animal; rain: nature) and a spoken digit (speech)."""
-    from tympan.data.corpus import GROUPS, class_groups
-
+    """Clips never trained on: an ESC-10 dog (animal) and rain (nature) clip, a spoken digit (speech)."""
     model = load_shipped()
-    groups = class_groups()
-    cases = {"esc10/audio/1-100032-A-0.flac": "animal", "esc10/audio/1-26806-A-1.flac": "animal",
-             "esc10/audio/1-17367-A-10.flac": "nature", "fsdd/recordings/0_george_5.wav": "speech"}  # fmt: skip
+    cases = {"esc10/audio/1-100032-A-0.flac": "animal", "esc10/audio/1-17367-A-10.flac": "nature",
+             "fsdd/recordings/0_george_5.wav": "speech"}  # fmt: skip
     for path, expected in cases.items():
         waveform = torch.from_numpy(audio.load(data_dir / path))[None]
         probs = torch.sigmoid(model.frame_logits(model.frontend(waveform)))[0].max(0).values
-        probs[torch.from_numpy(groups == GROUPS.index("other"))] = 0  # Silence, Sound effect, Noise...: generic
-        top = int(probs.argmax())
-        assert GROUPS[groups[top]] == expected, f"{path}: {model.labels.names[top]}"
+        assert _top_group(model, probs) == expected, path
+
+
+@shipped
+@torch.no_grad()
+def test_shipped_model_follows_the_demo_scene():
+    """Over the demo scene (DEMO_SCENE.md timeline) the patches of each piece mostly fall in its group."""
+    model = load_shipped()
+    waveform = torch.from_numpy(audio.load(ASSETS / "demo_scene_16k.flac"))[None]
+    probs = torch.sigmoid(model.frame_logits(model.frontend(waveform)))[0]
+    centres = model.embed(model.frontend(waveform)).timestamps()
+    pieces = {(0.0, 1.76): "speech", (2.06, 4.78): "animal", (5.08, 8.08): "nature", (11.52, 13.64): "animal",
+              (13.94, 16.94): "music"}  # fmt: skip
+    for (start, end), expected in pieces.items():
+        inside = [i for i, c in enumerate(centres.tolist()) if start + 0.3 <= c <= end - 0.3]
+        votes = [_top_group(model, probs[i]) for i in inside]
+        assert votes.count(expected) > len(votes) / 2, (start, votes)
 
 
 # ------------------------------------------------------------------------------------------ training recipe
