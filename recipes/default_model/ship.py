@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     table = (shards / "corpus_table.md").read_text()
     notice = f"""# NOTICE: tymnet-s (the default model)
 
-Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`recipes/default_model.yaml`).
+Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`recipes/default_model.yaml`) and
+released with it (BSD-3-Clause). Whether trained weights are a derivative work of their training audio is not
+settled; some of that audio is GPL-2+ or CC BY-SA, so every licence and file is listed here for users who must decide.
 
 ## Lineage
 

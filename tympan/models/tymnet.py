@@ -230,7 +230,7 @@ def _shipped_weights() -> Weights | None:
     if SHIPPED_SHA256 is None or not WEIGHTS_FILE.is_file():
         return None
     return Weights(url=f"package://tympan/assets/{WEIGHTS_FILE.name}", sha256=SHIPPED_SHA256,
-                   license="Apache-2.0 (training data: NOTICE.tymnet-s.md)",
+                   license="BSD-3-Clause (tympan); training-data licences: NOTICE.tymnet-s.md",
                    notes="distilled from YAMNet's outputs; no teacher weights included")  # fmt: skip
 
 
