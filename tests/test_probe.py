@@ -167,6 +167,11 @@ def test_probe_main_reads_embeddings_file_and_datafile(tmp_path):
     result = probe_main(path, datafile, "knn", 3, output=out, quiet=True)
     assert result["mean"]["accuracy"] == 1.0 and result["classes"] == ["bird", "cat", "dog"]
     assert json.loads(out.read_text())["protocol"] == "k-fold"
-    with pytest.raises(ValueError, match="no embedding"):
-        save_embeddings(tmp_path / "few.safetensors", x[:5], keys[:5])
-        probe_main(tmp_path / "few.safetensors", datafile, quiet=True)
+    # issue 14 item 6: a datafile with more rows than embeddings probes the embedded subset
+    half = list(range(0, len(y), 2))
+    save_embeddings(tmp_path / "half.safetensors", x[half], [keys[i] for i in half])
+    subset = probe_main(tmp_path / "half.safetensors", datafile, "knn", 1, quiet=True)
+    assert subset["rows"] == len(half) and subset["mean"]["accuracy"] > 0.5
+    with pytest.raises(ValueError, match="none of the 24 datafile rows has an embedding"):
+        save_embeddings(tmp_path / "other.safetensors", x[:5], [f"other_{i}.wav" for i in range(5)])
+        probe_main(tmp_path / "other.safetensors", datafile, quiet=True)

@@ -29,33 +29,62 @@ def _outputs(results):
     return torch.stack([r.output for r in results])
 
 
+def _step_loop(model, clip, step):
+    """Reference: whole model steps carrying the state, then one zero-padded step for the tail (state untouched)."""
+    state, probs, ends = model.init_state(1), [], []
+    for start in range(0, clip.numel(), step):
+        piece = clip[None, start:start + step]
+        padded = torch.nn.functional.pad(piece, (0, step - piece.shape[1]))
+        logits, new_state = model.step(padded, state)
+        if piece.shape[1] == step:
+            state = new_state
+        probs.append(model.probabilities(logits)[0])
+        ends.append(start + piece.shape[1])
+    return probs, ends
+
+
 @torch.no_grad()
-def test_sat_stream_is_inference_py_loop_with_fixed_tail(sat, clips):
+def test_sat_chunks_run_whole_steps_and_skip_no_audio(sat, clips):
+    """Issue 14 item 4: --chunk 3 on SAT-2s (1.92 s steps) used to drop the last 1.08 s of every chunk."""
     (clip, _), _ = clips
-    clip = torch.cat([clip, clip[:11000]])  # 5.69 s: two full chunks, a 1.69 s tail
-    results = Streamer(sat, 2.0).run(clip)
-    assert [(r.start, r.end, r.partial) for r in results] == [(0, 2, False), (2, 4, False), (4, clip.numel() / 16000, True)]
-    cache, expected = sat.initial_cache(1), []
-    for piece in clip[None].split(32000, dim=-1):
-        logits, cache = sat(piece, cache=cache, return_cache=True)
-        expected.append(sat.probabilities(logits))
-    torch.testing.assert_close(_outputs(results), torch.stack(expected), atol=1e-6, rtol=1e-5)
+    clip = torch.cat([clip, clip[:11000]])  # 5.69 s: chunks [0, 3) and a partial [3, 5.69)
+    results = Streamer(sat, 3.0).run(clip)
+    assert [(r.start, r.end, r.partial) for r in results] == [(0, 3, False), (3, clip.numel() / 16000, True)]
+    probs, ends = _step_loop(sat, clip, sat.chunk_samples)  # steps end at 1.92, 3.84, 5.69 (padded tail)
+    assert len(probs) == 3
+    expected = torch.stack([probs[0], (probs[1] + probs[2]) / 2])
+    torch.testing.assert_close(_outputs(results)[:, 0], expected, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_streaming_chunk_longer_than_step_feeds_exact_steps():
+    """TymNet's step takes exactly 7680 samples: 1 s chunks run two steps each and carry the 0.04 s remainder."""
+    torch.manual_seed(0)
+    model = create_model("tymnet-s").eval()
+    clip = torch.randn(16000 * 3 + 5000) * 0.1
+    results = Streamer(model, 1.0).run(clip)
+    probs, ends = _step_loop(model, clip, model.chunk_samples)
+    assert [r.end for r in results] == [1.0, 2.0, 3.0, clip.numel() / 16000]
+    for result, (lo, hi) in zip(results, [(0, 16000), (16000, 32000), (32000, 48000), (48000, clip.numel())]):
+        inside = [p for p, end in zip(probs, ends) if lo < end <= hi]
+        torch.testing.assert_close(result.output[0], torch.stack(inside).mean(0), atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()
 def test_partial_chunk_does_not_update_memory(sat, clips):
     (clip, other), _ = clips
-    streamer = Streamer(sat, 2.0)
-    streamer.push(clip[:32000])
+    step = sat.chunk_samples
+    streamer = Streamer(sat, step / 16000)
+    streamer.push(clip[:step])
     memory = streamer.memory.clone()
-    streamer.push(clip[32000:40000])
+    streamer.push(clip[step:step + 8000])
     assert streamer.flush()[0].partial
     torch.testing.assert_close(streamer.memory, memory)
     # continuing after the flush equals never having seen the tail
-    after = streamer.push(other[:32000])[0].output
-    reference = Streamer(sat, 2.0)
-    reference.push(clip[:32000])
-    torch.testing.assert_close(after, reference.push(other[:32000])[0].output)
+    after = streamer.push(other[:step])[0].output
+    reference = Streamer(sat, step / 16000)
+    reference.push(clip[:step])
+    torch.testing.assert_close(after, reference.push(other[:step])[0].output)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -111,7 +140,7 @@ def test_independent_models_score_each_chunk(clips):
 
 
 def test_bad_arguments(sat):
-    with pytest.raises(ValueError, match="shorter than the model"):
+    with pytest.raises(ValueError, match="minimum is 1.92 s"):
         Streamer(sat, 1.0)
     with pytest.raises(ValueError, match="expected audio"):
         Streamer(sat, 2.0, streams=2).push(np.zeros(100))

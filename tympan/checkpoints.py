@@ -295,6 +295,7 @@ def load(model_id: str | None = None, checkpoint: str | os.PathLike | None = Non
         model.labels = LabelSet(tuple(meta["labels"]["mids"]), tuple(meta["labels"]["names"]))
     if "extra" in meta:
         model.tympan_extra = dict(meta["extra"])
+        _restore_frontend(model, model.tympan_extra.get("frontend"))
     if entry.convert_checkpoint is not None and not meta.get("model_id"):
         try:
             state = entry.convert_checkpoint(state, model)
@@ -302,6 +303,17 @@ def load(model_id: str | None = None, checkpoint: str | os.PathLike | None = Non
             raise CheckpointError(f"{checkpoint}: not a {entry.family} checkpoint (no key {err})") from None
     load_state_dict_strict(model, state, source=str(checkpoint))
     return model.eval()
+
+
+def _restore_frontend(model: nn.Module, settings: Any) -> None:
+    """Put back the scalar frontend settings a training run stored (``extra.frontend``: fbank mean/std...)."""
+    frontend = getattr(model, "frontend", None)
+    if not isinstance(settings, dict) or frontend is None:
+        return
+    for key, value in settings.items():
+        current = getattr(frontend, key, None)
+        if isinstance(value, (bool, int, float, str)) and isinstance(current, (bool, int, float, str)):
+            setattr(frontend, key, type(current)(value) if not isinstance(current, bool) else bool(value))
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -20,9 +20,14 @@ EPILOG = """examples:
   tympan models 'ast-*'                           only the AST family
   tympan features clip.wav --frontend kaldi-fbank -o feats/
                                                   write clip.npy with Kaldi fbank features
+  tympan data ../shared/data/esc10/esc10.csv -o esc10.json
+                                                  a datafile (+ esc10_labels.csv) from a dataset CSV or folder
   tympan embed esc10.json --model dasheng-base -o esc10.safetensors && tympan probe esc10.safetensors
                                                   embeddings of a dataset, then a k-fold kNN probe
-  tympan train recipes/fsdd_ssast_tiny.yaml       train from a recipe
+  tympan train recipes/fsdd_ssast_tiny.yaml --set data.datafile=fsdd.json
+                                                  train from a recipe; writes RUN/model.safetensors
+  tympan evaluate --checkpoint RUN/model.safetensors --data fsdd.json
+  tympan tag clip.wav --checkpoint RUN/model.safetensors
 run 'tympan COMMAND --help' for the options of each command."""
 
 
@@ -145,14 +150,24 @@ def _parse_overrides(items: Sequence[str]) -> dict:
     return out
 
 
+def _model_id(args: argparse.Namespace) -> str | None:
+    """``--model``, else the model a ``--checkpoint`` sidecar names (``None``), else the default model."""
+    from tympan.models import DEFAULT_MODEL
+
+    if args.model is not None:
+        return args.model
+    return None if getattr(args, "checkpoint", None) is not None else DEFAULT_MODEL
+
+
 def _load_model(args: argparse.Namespace):
     import tympan
 
     overrides = _parse_overrides(args.set)
+    model_id = _model_id(args)
     if args.random and args.checkpoint is None:
-        model = tympan.create_model(args.model, **overrides).eval()
+        model = tympan.create_model(model_id, **overrides).eval()
     else:
-        model = tympan.load(args.model, checkpoint=args.checkpoint, **overrides)
+        model = tympan.load(model_id, checkpoint=args.checkpoint, **overrides)
     return _apply_precision(model, getattr(args, "precision", "fp32"))
 
 
@@ -177,10 +192,11 @@ def _check_precision_backend(args: argparse.Namespace) -> None:
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="ID", help="registered model id (see 'tympan models')")
+    p.add_argument("--model", metavar="ID", help="registered model id (see 'tympan models'); default: the model "
+                   "--checkpoint's sidecar names, else the default model (tymnet-s)")
     p.add_argument(
         "--checkpoint", type=Path, metavar="PATH",
-        help="weights to load (official layout or tympan safetensors); default: the official weights, downloaded once",
+        help="weights to load (a trained run's model.safetensors, an official file); default: the official weights",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -198,6 +214,8 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
         "with --chunk. Files of any length stream through the model at bounded memory; streaming models (SAT) "
         "carry their memory from chunk to chunk. Bad files are reported and skipped (exit status 1).",
         epilog="examples:\n"
+        "  tympan tag clip.wav                                  the default model (tymnet-s)\n"
+        "  tympan tag clip.wav --checkpoint RUN/model.safetensors   a model trained with 'tympan train'\n"
         "  tympan tag clip.wav --model sat-tiny-2s\n"
         "  tympan tag long.flac --model ast-base384 --chunk 10 --topk 3 --plot timeline.png\n"
         "  tympan tag *.wav --model dass-small --format csv > tags.csv",
@@ -205,9 +223,13 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files (wav, flac, ogg, mp3)")
     _add_model_arguments(p)
-    p.add_argument("--chunk", type=float, metavar="SECONDS", help="report per-chunk tags for chunks of this length")
+    p.add_argument("--chunk", type=float, metavar="SECONDS",
+                   help="report per-chunk tags for chunks of this length (a streaming model needs at least one of "
+                   "its steps: 0.48 s for tymnet-s, 1.92 s for sat-tiny-2s)")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="labels per clip or chunk (default 5)")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text", help="output format (default text)")
+    p.add_argument("--labels", type=Path, metavar="CSV",
+                   help="class-label CSV (index,mid,display_name) for a model that carries no label names")
     _add_backend_arguments(p)
     _add_precision_argument(p)
     p.add_argument(
@@ -221,6 +243,7 @@ def _run_tag(args: argparse.Namespace) -> int:
     import json
 
     from tympan.audio import AudioError
+    from tympan.inference.streaming import ChunkTooShortError
     from tympan.inference.tagging import Tagger, tag_file
 
     if args.topk < 1:
@@ -228,10 +251,12 @@ def _run_tag(args: argparse.Namespace) -> int:
     if args.chunk is not None and not 0 < args.chunk < float("inf"):  # nan and inf too
         raise UserError(f"--chunk must be a positive number of seconds, got {args.chunk}")
     _check_precision_backend(args)
+    if args.plot is not None:
+        _require_matplotlib("--plot")
     runner = _onnx_runner(args) if args.backend == "onnx" else None
     model = _load_model(args) if runner is None else None
     try:
-        labels = Tagger(model).labels if runner is None else runner.labels
+        labels = Tagger(model, _read_labels(args.labels, model)).labels if runner is None else runner.labels
         if runner is not None and (labels is None or not runner.has_head):
             raise ValueError(f"{runner.model_id} is an encoder without a classification head: it has no tags to give")
     except ValueError as err:
@@ -248,6 +273,8 @@ def _run_tag(args: argparse.Namespace) -> int:
             else:
                 tags = tag_file(model, path, chunk_seconds=args.chunk, progress=sys.stderr.isatty())
             _check_finite_scores(tags, path)
+        except ChunkTooShortError as err:
+            raise UserError(f"--chunk {args.chunk:g}: {err}") from None
         except (AudioError, ValueError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
@@ -264,6 +291,30 @@ def _run_tag(args: argparse.Namespace) -> int:
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _require_matplotlib(flag: str) -> None:
+    """Refuse ``flag`` before any work when matplotlib is missing (not after the whole job)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError(f"{flag} needs matplotlib: pip install matplotlib")
+
+
+def _read_labels(path: Path | None, model) -> "LabelSet | None":
+    """``--labels CSV`` checked against the model's number of classes; ``None`` without the flag."""
+    if path is None:
+        return None
+    from tympan.labels import read_label_csv
+
+    try:
+        labels = read_label_csv(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--labels {path}: {err}") from None
+    classes = getattr(model, "num_classes", None)
+    if classes is not None and len(labels) != classes:
+        raise UserError(f"--labels {path}: {len(labels)} labels, but the model has {classes} classes")
+    return labels
 
 
 def _check_finite_weights(model) -> None:
@@ -437,19 +488,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "'torchrun --nproc-per-node 4 -m tympan train RECIPE' (gloo on CPU, NCCL on GPU).",
         epilog="examples:\n  tympan train recipes/fsdd_ssast_tiny.yaml\n"
         "  tympan train recipes/fsdd_ssast_tiny.yaml --set train.epochs=5 --set optim.lr=3e-4\n"
-        "  tympan train recipes/fsdd_ssast_tiny.yaml --resume",
+        "  tympan train recipes/fsdd_ssast_tiny.yaml --resume\n"
+        "  tympan train recipes/fsdd_ssast_tiny.yaml --set data.datafile=my_sounds.json --set output.dir=runs/mine\n"
+        "data.datafile takes a datafile, a dataset CSV, a class-folder tree or a file list (see 'tympan data').",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", type=Path, help="YAML recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe entry, dotted keys, YAML values (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from tympan.train import train_main
 
-    return train_main(args.recipe, args.set, resume=args.resume)
+    return train_main(args.recipe, args.set, resume=args.resume, overwrite=args.overwrite)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -459,12 +513,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Run a checkpoint over a JSON datafile and print mAP, mAUC and d-prime (and accuracy with "
         "--metric accuracy) as JSON.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="tympan safetensors (or an official file with --model)")
-    p.add_argument("--data", type=Path, required=True, metavar="DATAFILE", help="JSON datafile")
-    p.add_argument("--labels", type=Path, help="class-label CSV (index,mid,display_name)")
-    p.add_argument("--model", metavar="ID", help="model id, needed for official checkpoints")
-    p.add_argument("--clip-seconds", type=float, default=10.0, help="pad/crop clips to this length (default 10)")
-    p.add_argument("--metric", choices=("mAP", "accuracy"), default="mAP", help="headline metric")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a trained run's model.safetensors (or an official file with --model)")
+    p.add_argument("--data", type=Path, required=True, metavar="DATASET",
+                   help="JSON datafile, dataset CSV, class-folder tree or file list (see 'tympan data')")
+    p.add_argument("--labels", type=Path, help="class-label CSV (index,mid,display_name); default: the checkpoint's")
+    p.add_argument("--model", metavar="ID", help="model id, needed for official checkpoints only")
+    p.add_argument("--clip-seconds", type=float,
+                   help="pad/crop clips to this length (default: the training run's, else 10)")
+    p.add_argument("--metric", choices=("mAP", "accuracy"), help="headline metric (default: the training run's)")
     p.add_argument("--batch-size", type=int, default=32)
 
 
@@ -475,10 +532,42 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                          clip_seconds=args.clip_seconds, metric=args.metric, batch_size=args.batch_size)
 
 
+# ----------------------------------------------------------------------------------------------------- data
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data",
+        help="turn a dataset CSV, a class-folder tree or a file list into a datafile",
+        description="Write the JSON datafile (and its label CSV, NAME_labels.csv) that train, evaluate, embed and "
+        "probe read. SOURCE is a CSV with a file column and optionally label/fold/split columns, a folder tree "
+        "class/*.wav (labels from the folder names), a folder of unlabelled audio, or a .txt list of audio files. "
+        "Those commands also take SOURCE directly; a datafile makes the choice of clips explicit and reusable.",
+        epilog="examples:\n  tympan data ../shared/data/esc10/esc10.csv -o esc10.json\n"
+        "  tympan data my_sounds/ -o my_sounds.json          # my_sounds/dog/*.wav, my_sounds/rain/*.wav ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", type=Path, metavar="SOURCE", help="dataset CSV, folder, or .txt file list")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.json",
+                   help="datafile to write (or a folder: OUT/NAME.json)")
+    p.add_argument("--root", type=Path, help="folder of a CSV's relative file names (default: found beside the CSV)")
+    p.add_argument("--relative", action="store_true", help="store paths relative to the datafile's folder")
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from tympan.data import import_dataset
+
+    paths, dataset = import_dataset(args.source, args.output, root=args.root, relative=args.relative)
+    datafile = getattr(paths, "datafile", paths)
+    labels = getattr(paths, "labels", None)
+    classes = f", {len(dataset.labels)} classes in {labels}" if labels is not None else " (unlabelled)"
+    print(f"{datafile}: {len(dataset.manifest)} clips{classes}")
+    for line in dataset.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    return 1 if dataset.skipped else 0
+
 
 # ------------------------------------------------------------------------------------------- embed, niah
 def _add_embed(sub: argparse._SubParsersAction) -> None:
-    from tympan.eval.embed import add_embed_arguments
+    from tympan.eval.embed import POOLINGS
 
     p = sub.add_parser(
         "embed",
@@ -486,22 +575,42 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         description="Compute HEAR-style scene embeddings (or pooled timestamp embeddings) for every clip of a "
         "datafile with a progress bar; bad files are reported and skipped, and an interrupted run resumes "
         "from its partial file. The output feeds 'tympan probe'.",
-        epilog="example:\n  tympan embed esc10.json --model dasheng-base -o esc10-dasheng.safetensors",
+        epilog="examples:\n  tympan embed ../shared/data/esc10/esc10.csv --model dasheng-base -o esc10-dasheng.safetensors\n"
+        "  tympan data ../shared/data/esc10/esc10.csv -o esc10.json && tympan embed esc10.json -o esc10.safetensors\n"
+        "  tympan embed my_sounds/ --checkpoint RUN/model.safetensors -o mine.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(p)
-    add_embed_arguments(p)
+    p.add_argument("datafile", metavar="DATASET",
+                   help="JSON datafile, dataset CSV, class-folder tree or file list (see 'tympan data')")
+    p.add_argument("-o", "--output", required=True, help="embeddings file to write (.safetensors)")
+    p.add_argument("--pooling", choices=POOLINGS, default="scene",
+                   help="scene embedding, or timestamp embeddings pooled by mean / max / both")  # fmt: skip
+    p.add_argument("--clip-seconds", type=float,
+                   help="crop or zero-pad every clip to this length (default: a trained checkpoint's, else whole clips)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=64, help="clips between resumable partial saves")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_arguments(p)
     _add_precision_argument(p)
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from tympan.eval.embed import run_embed
+    from tympan.eval.embed import embed_main
 
     _check_precision_backend(args)
     if args.backend == "onnx":
         return _run_embed_onnx(args)
-    return run_embed(args, overrides=_parse_overrides(args.set))
+    checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
+    try:
+        embed_main(args.model, args.datafile, args.output, checkpoint=checkpoint, pooling=args.pooling,
+                   clip_seconds=args.clip_seconds, batch_size=args.batch_size, save_every=args.save_every,
+                   device=args.device, overrides=_parse_overrides(args.set), progress=not args.quiet,
+                   pretrained=not args.random, precision=args.precision)  # fmt: skip
+    except ValueError as err:  # e.g. no clip could be embedded
+        raise UserError(str(err)) from None
+    return 0
 
 
 def _add_niah(sub: argparse._SubParsersAction) -> None:
@@ -789,6 +898,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------------- plumbing
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "data": (_add_data, _run_data),
     "models": (_add_models, _run_models),
     "features": (_add_features, _run_features),
     "tag": (_add_tag, _run_tag),
@@ -821,6 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tympan.checkpoints import CheckpointError
+    from tympan.data.manifest import DatafileError
     from tympan.models.registry import UnknownModelError
 
     parser = build_parser()
@@ -833,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run(args)
-    except (UserError, TympanError, CheckpointError, UnknownModelError, FileNotFoundError) as err:
+    except (UserError, TympanError, CheckpointError, UnknownModelError, DatafileError, FileNotFoundError) as err:
         message = " ".join(str(err).split())  # one line, whatever the error carried
         print(f"tympan {args.command}: error: {message}", file=sys.stderr)
         return 2

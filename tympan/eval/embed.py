@@ -16,7 +16,7 @@ A file that cannot be decoded is reported and skipped, never fatal.
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,13 +161,13 @@ def embed_datafile(
     """Embed every clip of ``datafile`` into ``output`` (see the module docstring); returns an :class:`EmbedResult`."""
     from tqdm.auto import tqdm
 
-    from tympan.data import read_datafile
+    from tympan.data import load_dataset
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if batch_size < 1 or save_every < 1:
         raise ValueError("batch_size and save_every must be >= 1")
-    records = read_datafile(datafile)
+    records = load_dataset(datafile).manifest  # a datafile, a dataset CSV, class folders, a file list
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + PARTIAL_SUFFIX)
@@ -211,7 +211,7 @@ def embed_datafile(
 
 
 def embed_main(
-    model_id: str,
+    model_id: str | None,
     datafile: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -227,12 +227,19 @@ def embed_main(
     precision: str = "fp32",
 ) -> EmbedResult:
     """``tympan embed``: load ``model_id`` (official weights, ``checkpoint``, or random with ``pretrained=False``) in
-    ``precision``, embed ``datafile`` into ``output``,
-    print a one-line summary and the skipped files."""
+    ``precision``, embed ``datafile`` (any source :func:`tympan.data.load_dataset` reads) into ``output``, print a
+    one-line summary and the skipped files.
+
+    Without `model_id`, the model a `checkpoint` sidecar names (a trained run's), else the default model; without
+    `clip_seconds`, the clip length the checkpoint was trained on (else each clip whole)."""
     from tympan.hear import load_model
 
+    if model_id is None:
+        model_id = _sidecar_model_id(checkpoint)
     model = load_model(checkpoint or "", model_id=model_id, pretrained=pretrained, precision=precision,
                        **(overrides or {})).to(device)
+    if clip_seconds is None:
+        clip_seconds = (getattr(model.model, "tympan_extra", None) or {}).get("clip_seconds")
     result = embed_datafile(model, datafile, output, pooling=pooling, clip_seconds=clip_seconds,
                             batch_size=batch_size, save_every=save_every, checkpoint=checkpoint, progress=progress)  # fmt: skip
     print(f"{result.path}: {result.rows} clips x {result.dim} ({pooling}, {model_id})"
@@ -242,23 +249,15 @@ def embed_main(
     return result
 
 
-def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tympan embed`` besides the model ones (``--model/--checkpoint/--set``, added by the CLI)."""
-    parser.add_argument("datafile", help="JSON datafile ({'data': [{'wav': ..., 'labels': ...}, ...]})")
-    parser.add_argument("-o", "--output", required=True, help="embeddings file to write (.safetensors)")
-    parser.add_argument("--pooling", choices=POOLINGS, default="scene",
-                        help="scene embedding, or timestamp embeddings pooled by mean / max / both")  # fmt: skip
-    parser.add_argument("--clip-seconds", type=float, help="crop or zero-pad every clip to this length")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--save-every", type=int, default=64, help="clips between resumable partial saves")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+def _sidecar_model_id(checkpoint: str | None) -> str:
+    """The model id a tympan checkpoint's sidecar names; the default model without a checkpoint."""
+    from tympan.checkpoints import CheckpointError, sidecar_path
+    from tympan.models import DEFAULT_MODEL
 
-
-def run_embed(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
-    checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
-    embed_main(args.model, args.datafile, args.output, checkpoint=checkpoint, pooling=args.pooling,
-               clip_seconds=args.clip_seconds, batch_size=args.batch_size, save_every=args.save_every,
-               device=args.device, overrides=overrides, progress=not args.quiet,
-               pretrained=not args.random, precision=getattr(args, "precision", "fp32"))  # fmt: skip
-    return 0
+    if not checkpoint:
+        return DEFAULT_MODEL
+    sidecar = sidecar_path(checkpoint)
+    try:
+        return str(json.loads(Path(sidecar).read_text())["model_id"])
+    except (OSError, ValueError, KeyError):
+        raise CheckpointError(f"{checkpoint}: no sidecar {Path(sidecar).name} naming the model; give --model ID") from None

@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -473,16 +474,19 @@ def load_embeddings(path: str | os.PathLike) -> EmbeddingFile:
 
 
 def _match_rows(keys: Sequence[str], wanted: Sequence[str], source: str) -> np.ndarray:
-    """Row index into `keys` of every `wanted` key: by exact key, else by file name, else by file stem."""
+    """Row index into `keys` of every `wanted` key (-1: no embedding): by exact key, else by file name, else by file
+    stem, at the first level that matches the most rows; an error when no row has an embedding."""
+    best = np.full(len(wanted), -1, dtype=np.int64)
     for normalise in (str, lambda s: Path(s).name, lambda s: Path(s).stem):
         table = {normalise(key): i for i, key in enumerate(keys)}
         if len(table) < len(keys):  # ambiguous at this level
             continue
-        found = [table.get(normalise(w), -1) for w in wanted]
-        if all(i >= 0 for i in found):
-            return np.asarray(found, dtype=np.int64)
-    missing = [w for w in wanted if w not in set(keys)]
-    raise ValueError(f"{source}: {len(missing)} of {len(wanted)} datafile rows have no embedding, e.g. {missing[0]!r}")
+        found = np.asarray([table.get(normalise(w), -1) for w in wanted], dtype=np.int64)
+        if (found >= 0).sum() > (best >= 0).sum():
+            best = found
+    if not (best >= 0).any():
+        raise ValueError(f"{source}: none of the {len(wanted)} datafile rows has an embedding, e.g. {wanted[0]!r}")
+    return best
 
 
 def _rows_from_info(store, name: str) -> tuple[list[dict[str, str]], set[str]]:
@@ -526,6 +530,8 @@ def probe_main(
     if datafile is None:  # the labels/folds/splits `tympan embed` stored beside the embeddings
         rows, columns = _rows_from_info(store, str(embeddings_file))
         key_column, label_column = "key", "labels"
+        if split_column is None and not any(r["fold"] for r in rows) and any(r["split"] for r in rows):
+            split_column = "split"  # the dataset has a train/valid/test split and no folds
         fold_column, split_column = ("fold", None) if split_column is None else (None, "split")
         if label_separator is None and any("\t" in r["labels"] for r in rows):
             label_separator = "\t"
@@ -540,7 +546,14 @@ def probe_main(
         raise ValueError(f"{datafile}: needs columns {sorted(needed)} (a fold or split column); has {sorted(columns)}")
     if not rows:
         raise ValueError(f"{datafile}: no rows")
-    x = store.embeddings[_match_rows(store.keys, [r[key_column] for r in rows], str(embeddings_file))]
+    index = _match_rows(store.keys, [r[key_column] for r in rows], str(embeddings_file))
+    if (index < 0).any():  # probe the embedded subset of the datafile
+        if not quiet:
+            print(f"probing the {int((index >= 0).sum())} of {len(rows)} datafile rows that have an embedding",
+                  file=sys.stderr)  # fmt: skip
+        rows = [r for r, i in zip(rows, index) if i >= 0]
+        index = index[index >= 0]
+    x = store.embeddings[index]
     if label_separator is None:
         raw = [r[label_column].strip() for r in rows]
         classes = _class_order(raw)
@@ -559,7 +572,7 @@ def probe_main(
         splits = fold_splits(protocol_values, label_for_split)
     result = evaluate(x, y, splits, method, k=k, grid=grid)
     result.update(protocol="fixed" if split_column else "k-fold", embeddings_file=str(embeddings_file),
-                  datafile=str(datafile), classes=classes, embedding_info=store.info)  # fmt: skip
+                  datafile=str(datafile), classes=classes, embedding_info=store.info, rows=len(rows))  # fmt: skip
     if not quiet:
         print(format_results(result))
     if output is not None:

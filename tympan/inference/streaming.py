@@ -4,9 +4,11 @@
 ``inference.py`` (each chunk's spectrogram is computed on that chunk alone, its dB floor per stream), and runs the
 model on each chunk as soon as it is complete:
 
-* streaming models (``model.streaming``: SAT) carry their state from chunk to chunk through the protocol's
-  ``init_state`` / ``step`` (SAT starts from the original's "silence" memory), so a 2 s SAT stream reproduces
-  ``inference.py``'s per-chunk probabilities;
+* streaming models (``model.streaming``: SAT, TymNet) carry their state through the protocol's ``init_state`` /
+  ``step``, one model step of exactly ``model.chunk_samples`` at a time (SAT starts from the original's "silence"
+  memory). The reported chunks are independent of the step size: a chunk's output is the mean of the probabilities
+  of the steps that end inside it, and samples left over at a chunk's end are carried into the next step, so no
+  audio is skipped (``--chunk 3`` on SAT-2s runs 1.92 s steps back to back). A chunk must hold at least one step;
 * every other model (the SAT repo's ViTs, Dasheng, AST, DASS, SSAM, ...) sees each chunk independently, through its
   frontend, one stream at a time (so streams never share a batch statistic such as Dasheng's dB floor). A tagger
   yields probabilities (``model.predict``), an encoder its scene embedding per chunk.
@@ -15,10 +17,10 @@ Two bugs of the original streaming loop are not copied:
 
 * the memory is NOT kept across files: :meth:`Streamer.reset` (called by :meth:`Streamer.run_file`) restores the
   silence memory;
-* a final partial chunk (:meth:`Streamer.flush`) is scored with the memory of the last full chunk, exactly as the
-  original scores it, but it does NOT update the memory: the original shifts its flat 48-token memory by only the
-  partial chunk's tokens, which scrambles the frequency/time layout the next chunk assumes. A stream that goes on
-  after a flush therefore continues from the last full chunk's memory.
+* a final partial chunk (:meth:`Streamer.flush`) scores its pending samples as one last step zero-padded to
+  ``chunk_samples``, but that step does NOT update the memory: the original shifts its flat 48-token memory by only
+  the partial chunk's tokens, which scrambles the frequency/time layout the next chunk assumes. A stream that goes
+  on after a flush therefore continues from the last full step's memory.
 
 Several streams (e.g. microphones) advance in lockstep as one batch: push ``[streams, n]`` arrays. Memory use is
 bounded by one chunk of pending samples per stream plus the model's memory, whatever the input length.
@@ -41,6 +43,10 @@ SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 
 
+class ChunkTooShortError(ValueError):
+    """A chunk shorter than one step of a streaming model (a usage error: the message names the minimum)."""
+
+
 @dataclass(frozen=True)
 class ChunkResult:
     """The model's output for one chunk of every stream."""
@@ -57,8 +63,8 @@ class Streamer:
 
     Args:
         model: a tympan model in eval mode (streaming models carry their state; anything else runs per chunk).
-        chunk_seconds: chunk length; default 2.0 s (``inference.py``), or a streaming model's ``chunk_samples``
-            rounded up to whole seconds. A streaming model's chunk must cover its ``chunk_samples``.
+        chunk_seconds: reported chunk length; default 2.0 s, or a streaming model's ``chunk_samples`` rounded up
+            to whole seconds. A streaming model's chunk must hold at least one step (``chunk_samples``).
         streams: number of parallel streams pushed as ``[streams, n]``.
         silence_memory: start from the model's warm initial state (SAT: the original's silence memory, as
             ``inference.py``) or from an empty one.
@@ -78,12 +84,14 @@ class Streamer:
         self.streaming = model.streaming
         if chunk_seconds is None:
             chunk_seconds = math.ceil(model.chunk_samples / SAMPLE_RATE) if self.streaming else 2.0
-        self.chunk_samples = int(chunk_seconds * SAMPLE_RATE)
+        self.chunk_samples = round(chunk_seconds * SAMPLE_RATE)
         if self.chunk_samples <= 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
-        if self.streaming and self.chunk_samples // HOP_LENGTH + 1 < model.chunk_samples // HOP_LENGTH:
-            raise ValueError(
-                f"chunk_seconds {chunk_seconds} is shorter than the model's {model.chunk_samples / SAMPLE_RATE:.2f} s chunk"
+        self.step_samples = int(model.chunk_samples) if self.streaming else 0
+        if self.streaming and self.chunk_samples < self.step_samples:
+            raise ChunkTooShortError(
+                f"chunk_seconds {chunk_seconds:g} is shorter than one step of the model; the minimum is "
+                f"{self.step_samples / SAMPLE_RATE:g} s"
             )
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
@@ -100,6 +108,10 @@ class Streamer:
         self._pending_samples = 0
         self._index = 0
         self._offset = 0
+        self._step: list[Tensor] = []  # streaming: samples of the model step in progress (< step_samples)
+        self._step_samples = 0
+        self._chunk_probs: list[Tensor] = []  # streaming: probabilities of the steps ended in the current chunk
+        self._chunk_filled = 0
         self.state: State = ()
         if self.streaming:
             if self._initial_state is None:  # computed once: SAT's silence memory costs a forward pass
@@ -120,6 +132,8 @@ class Streamer:
             audio = audio[None]
         if audio.ndim != 2 or audio.shape[0] != self.streams:
             raise ValueError(f"expected audio [{self.streams}, n] (or [n] for one stream), got {tuple(audio.shape)}")
+        if self.streaming:
+            return self._push_steps(audio)
         results = []
         while audio.shape[1]:
             take = min(self.chunk_samples - self._pending_samples, audio.shape[1])
@@ -130,8 +144,57 @@ class Streamer:
                 results.append(self._run(self._take_pending(), partial=False))
         return results
 
+    @torch.no_grad()
+    def _push_steps(self, audio: Tensor) -> list[ChunkResult]:
+        """Streaming models: whole model steps as the samples arrive; a chunk is reported when it is full."""
+        results = []
+        while audio.shape[1]:
+            take = min(self.chunk_samples - self._chunk_filled, self.step_samples - self._step_samples, audio.shape[1])
+            self._step.append(audio[:, :take])
+            self._step_samples += take
+            self._chunk_filled += take
+            audio = audio[:, take:]
+            if self._step_samples == self.step_samples:
+                step = torch.cat(self._step, dim=1)
+                self._step, self._step_samples = [], 0
+                logits, self.state = self.model.step(step.to(self._device()), self.state)
+                self._chunk_probs.append(self.model.probabilities(logits).float().cpu())
+            if self._chunk_filled == self.chunk_samples:
+                results.append(self._report(partial=False))
+        return results
+
+    def _report(self, partial: bool) -> ChunkResult:
+        """The current chunk's result: the mean of its steps' probabilities."""
+        start = self._offset / SAMPLE_RATE
+        self._offset += self._chunk_filled
+        output = torch.stack(self._chunk_probs).mean(0)
+        result = ChunkResult(self._index, start, self._offset / SAMPLE_RATE, output, partial)
+        self._index += 1
+        self._chunk_probs, self._chunk_filled = [], 0
+        return result
+
+    @torch.no_grad()
+    def _flush_steps(self) -> list[ChunkResult]:
+        """The final partial chunk of a streaming model: its pending samples as one zero-padded step that leaves the
+        state alone; too short a chunk (with no finished step) is dropped."""
+        pending = torch.cat(self._step, dim=1) if self._step else None
+        self._step, self._step_samples = [], 0
+        if self._chunk_filled == 0:
+            return []
+        if self._chunk_filled <= self.min_tail_samples and not self._chunk_probs:
+            self._offset += self._chunk_filled
+            self._chunk_filled = 0
+            return []
+        if pending is not None:
+            padded = torch.nn.functional.pad(pending, (0, self.step_samples - pending.shape[1]))
+            logits, _ = self.model.step(padded.to(self._device()), self.state)
+            self._chunk_probs.append(self.model.probabilities(logits).float().cpu())
+        return [self._report(partial=True)]
+
     def flush(self) -> list[ChunkResult]:
         """Score the pending partial chunk (if long enough) without updating a streaming model's state."""
+        if self.streaming:
+            return self._flush_steps()
         if self._pending_samples == 0:
             return []
         chunk = self._take_pending()
@@ -179,12 +242,6 @@ class Streamer:
         return self.model.device()
 
     def _forward(self, chunk: Tensor, partial: bool) -> Tensor:
-        model = self.model
-        if self.streaming:
-            logits, state = model.step(chunk, self.state)
-            if not partial:
-                self.state = state
-            return model.probabilities(logits)
         return torch.cat([self._score(row[None]) for row in chunk])  # streams independent
 
     def _score(self, waveform: Tensor) -> Tensor:

@@ -54,15 +54,42 @@ __all__ = [
     "load_config",
     "lr_multiplier",
     "precompute_teacher_outputs",
+    "prepare_run_dir",
     "save_config",
     "train_main",
 ]
 
 
-def train_main(config_path: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False) -> int:
-    """``tympan train RECIPE [--set key=value ...] [--resume]``: train, print the final metrics as JSON (rank 0).
+def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to mix two runs in one folder: a non-empty ``out`` needs `resume` (continue it) or `overwrite`
+    (replace it; only a folder holding a previous run's ``config.yaml`` or ``log.jsonl`` is emptied)."""
+    import shutil
+    from pathlib import Path
 
-    Returns the process exit status (2 for a bad recipe)."""
+    from tympan.errors import ConfigError as RunFolderError
+
+    out = Path(out)
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other")
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise RunFolderError(f"output folder {out} is not empty: pass --resume to continue that run, --overwrite to "
+                             "replace it, or --set output.dir=ANOTHER")  # fmt: skip
+    if not ((out / "config.yaml").is_file() or (out / "log.jsonl").is_file()):
+        raise RunFolderError(f"--overwrite: {out} does not hold a tympan run (no config.yaml or log.jsonl); not "
+                             "emptying it")  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def train_main(config_path: str | os.PathLike | None, overrides: list[str] | None = None, resume: bool = False,
+               overwrite: bool = False) -> int:
+    """``tympan train RECIPE [--set key=value ...] [--resume | --overwrite]``: train, print per-epoch validation
+    figures and the run folder on stderr and the final metrics as JSON on stdout (rank 0).
+
+    Returns the process exit status (2 for a bad recipe or a run folder that is not empty)."""
     from tympan.train import distributed
 
     try:
@@ -70,47 +97,60 @@ def train_main(config_path: str | os.PathLike | None, overrides: list[str] | Non
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    prepare_run_dir(config["output"]["dir"], resume=resume, overwrite=overwrite)
     try:
         trainer = Trainer(config)
     except (ValueError, KeyError, OSError) as err:  # bad recipe values, unknown ids, missing files
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if trainer.ctx.is_main:
+        print(f"run folder: {trainer.out}", file=sys.stderr, flush=True)
     summary = trainer.fit(resume=resume)
     if trainer.ctx.is_main:
         print(json.dumps(summary, indent=2))
+        print(f"wrote {trainer.out / 'model.safetensors'} (use it with: tympan evaluate --checkpoint PATH --data DATA, "
+              "tympan tag FILE --checkpoint PATH)", file=sys.stderr)  # fmt: skip
     distributed.teardown()
     return 0
 
 
 def evaluate_main(checkpoint: str | os.PathLike, datafile: str | os.PathLike, labels: str | os.PathLike | None = None,
-                  model_id: str | None = None, clip_seconds: float = 10.0, metric: str = "mAP",
+                  model_id: str | None = None, clip_seconds: float | None = None, metric: str | None = None,
                   select: dict[str, Any] | None = None, batch_size: int = 32) -> int:  # fmt: skip
-    """``tympan evaluate CHECKPOINT DATAFILE``: a saved model (our safetensors + sidecar, or `model_id` with an
-    official checkpoint) on a datafile; prints mAP/mAUC/d-prime (and accuracy with ``metric="accuracy"``) as JSON."""
-    import tympan
-    from tympan.checkpoints import read_checkpoint
-    from tympan.train.config import DEFAULTS, merge
+    """``tympan evaluate --checkpoint C --data D``: a saved model on a dataset (a datafile, a dataset CSV, a class
+    folder tree); prints mAP/mAUC/d-prime (and accuracy) as JSON.
 
-    if model_id is None:
-        _, meta = read_checkpoint(checkpoint)
-        model_id = meta.get("model_id")
-        if model_id is None:
-            print(f"error: {checkpoint} does not name its model; pass model_id", file=sys.stderr)
-            return 2
-    config = merge(DEFAULTS, {"model": {"id": model_id, "checkpoint": str(checkpoint)},
-                              "data": {"datafile": str(datafile), "labels": labels, "valid": select or {},
-                                       "clip_seconds": clip_seconds},
-                              "eval": {"metric": metric, "batch_size": batch_size}})  # fmt: skip
-    from tympan.data import AudioDataset
+    What the flags leave out comes from the checkpoint's sidecar, as ``tympan train`` wrote it: the model id, the label
+    names (``model.labels``), the clip length and the headline metric of the recipe (``model.tympan_extra``); an
+    official checkpoint needs `model_id`, `labels` and `clip_seconds` (default 10 s)."""
+    import tympan
+    from tympan.data import AudioDataset, load_dataset
+    from tympan.errors import TympanError
+    from tympan.labels import read_label_csv
     from tympan.train import distributed
+    from tympan.train.config import DEFAULTS, merge
     from tympan.train.data import select_records
-    from tympan.data import read_datafile
     from tympan.train.objectives import model_frontend
     from tympan.train.trainer import BatchAugment
 
     ctx = distributed.setup()
     model = tympan.load(model_id, checkpoint=checkpoint).to(ctx.device)
-    dataset = AudioDataset(select_records(read_datafile(datafile), select), labels, clip_seconds=clip_seconds)
+    extra = dict(getattr(model, "tympan_extra", None) or {})
+    if clip_seconds is None:
+        clip_seconds = float(extra.get("clip_seconds") or 10.0)
+    metric = metric or extra.get("metric") or "mAP"
+    dataset_source = load_dataset(datafile)
+    label_set = read_label_csv(labels) if labels is not None else model.labels  # the sidecar's, or the model's own
+    if label_set is None:
+        raise TympanError(f"{checkpoint} is an encoder without a classification head: nothing to evaluate")
+    config = merge(DEFAULTS, {"model": {"id": model.tympan_id, "checkpoint": str(checkpoint)},
+                              "data": {"datafile": str(datafile), "valid": select or {}, "clip_seconds": clip_seconds},
+                              "eval": {"metric": metric, "batch_size": batch_size}})  # fmt: skip
+    try:
+        dataset = AudioDataset(select_records(dataset_source.manifest, select), label_set, clip_seconds=clip_seconds)
+    except KeyError as err:
+        raise TympanError(f"{datafile}: a clip's label is not among the model's labels ({err}); give --labels CSV "
+                          "(index,mid,display_name) naming the model's classes") from None
     augment = BatchAugment(config["augment"], model_frontend(model))
 
     def prepare(batch: dict[str, Any], generator: Any, train: bool) -> dict[str, Any]:
@@ -121,8 +161,10 @@ def evaluate_main(checkpoint: str | os.PathLike, datafile: str | os.PathLike, la
     kind = "ce" if metric == "accuracy" else "bce"
     metrics = evaluate_model(model, LabelObjective(kind), dataset, prepare, ctx, config, metric,
                              lambda: _NoAutocast())  # fmt: skip
+    if not metrics:
+        raise TympanError(f"{datafile}: no clip was evaluated")
     if ctx.is_main:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({"clips": len(dataset), "clip_seconds": clip_seconds, **metrics}, indent=2))
     return 0
 
 

@@ -105,7 +105,15 @@ def resolve_datafile(data: dict[str, Any], out_dir: Path) -> tuple[Path, Path | 
         convert = fsdd_datafile if datafile == "fsdd" else esc10_datafile
         paths = convert(data["root"], out_dir / "data")
         return paths.datafile, Path(labels) if labels else paths.labels
-    return Path(datafile), (Path(labels) if labels else None)
+    source = Path(datafile)
+    if source.is_dir() or source.suffix.lower() != ".json":  # a dataset CSV, class folders, a file list
+        from tympan.data import import_dataset
+
+        paths, _ = import_dataset(source, out_dir / "data", root=data.get("root") or None)
+        imported, beside = (paths.datafile, paths.labels) if hasattr(paths, "labels") else (paths, None)
+        return imported, Path(labels) if labels else beside
+    beside = source.with_name(f"{source.stem}_labels.csv")  # what `tympan data` writes next to the datafile
+    return source, Path(labels) if labels else (beside if beside.is_file() else None)
 
 
 def read_labels(path: Path | None) -> LabelSet | None:

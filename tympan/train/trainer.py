@@ -404,9 +404,18 @@ class Trainer:
         return True
 
     def _save_weights(self, name: str, model_state: dict[str, Tensor]) -> Path:
-        """A model state as ``name.safetensors`` + sidecar, loadable with ``tympan.load`` (rank 0)."""
+        """A model state as ``name.safetensors`` + sidecar, loadable with ``tympan.load`` (rank 0).
+
+        The sidecar carries what the tools need to use the model with no flag: the run's label set (when the head
+        predicts it) and ``extra``: the clip length, the headline metric, the frontend settings (fbank statistics...)
+        and the resolved recipe."""
         model = tympan.create_model(self.model_id, **dist_utils.unwrap(self.model).tympan_config)
         model.load_state_dict(model_state)
+        if self.labels is not None and getattr(model, "num_classes", 0) == len(self.labels):
+            model.labels = self.labels
+        model.tympan_extra = {"clip_seconds": self.config["data"]["clip_seconds"], "metric": self.metric,
+                              "frontend": frontend_settings(model_frontend(dist_utils.unwrap(self.model))),
+                              "recipe": json.loads(json.dumps(self.config, default=str))}  # fmt: skip
         return tympan.save(model, self.out / f"{name}.safetensors")
 
     # ------------------------------------------------------------------------------ logging
@@ -513,6 +522,9 @@ class Trainer:
             record = {"event": "epoch", "epoch": epoch, "step": self.state["step"], "seconds": round(seconds, 2),
                       "train_loss": sum(losses) / max(1, len(losses)), **metrics}  # fmt: skip
             self.log(record)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            print(f"epoch {epoch + 1}/{train['epochs']}: train loss {record['train_loss']:.4g}"
+                  + (f"; valid {shown}" if shown else ""), file=sys.stderr, flush=True)  # fmt: skip
             value = metrics.get(self.metric)
             better = value is not None and (self.state["best"] is None or (value < self.state["best"] if
                                             self.metric == "loss" else value > self.state["best"]))  # fmt: skip
@@ -561,6 +573,15 @@ class Trainer:
             (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
             self.log({"event": "end", **summary})
         return summary
+
+
+def frontend_settings(frontend: nn.Module | None) -> dict[str, Any]:
+    """The scalar settings of a frontend (``mean``, ``std``, bins...) that its constructor or the trainer set, for the
+    checkpoint sidecar; :func:`tympan.load` puts them back."""
+    if frontend is None:
+        return {}
+    return {k: v for k, v in vars(frontend).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))}  # fmt: skip
 
 
 def _identity(item: Any) -> Any:
