@@ -36,7 +36,7 @@ def dog(data_dir) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small() -> TymNet:
     torch.manual_seed(0)
-    return create_model("tymnet-s", channels=(8, 16, 16), strides=(2, 2), teacher_dim=32).eval()
+    return create_model("tymnet-s", channels=(8, 8, 16, 16, 16, 16, 16), strides=(2, 1, 2, 1, 2, 1), teacher_dim=32).eval()
 
 
 @pytest.mark.parametrize("dft", ["fft", "matmul"])
@@ -194,7 +194,7 @@ def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher):
     recipe = LABELS_CSV.parents[2] / "recipes" / "default_model.yaml"
     common = [str(recipe), "--set", f"corpus.shards={tmp_path / 'shards'}", "--set", "train.steps=8", "--set",
               "train.batch_size=4", "--set", "train.warmup_steps=2", "--set", "train.eval_every=4", "--set",
-              "model.overrides={channels: [8, 16, 16], strides: [2, 2]}"]  # fmt: skip
+              "model.overrides={channels: [8, 8, 16, 16, 16, 16, 16], strides: [2, 1, 2, 1, 2, 1]}"]  # fmt: skip
     train = _train_script()
     assert train.main([*common, "--set", f"train.out={tmp_path / 'a'}"]) == 0
     assert train.main([*common, "--set", f"train.out={tmp_path / 'b'}", "--stop-at", "4"]) == 0

@@ -247,7 +247,7 @@ register_model(
         input_shape=(1, PATCH_FRAMES, NUM_MELS),
         classifier="head",
         block_types=(DSBlock,),
-        test_config=dict(channels=(8, 16, 16), strides=(2, 2), teacher_dim=32),
+        test_config=dict(channels=(8, 8, 16, 16, 16, 16, 16), strides=(2, 1, 2, 1, 2, 1), teacher_dim=32),
     )
 )
 
