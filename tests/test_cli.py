@@ -8,7 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from pathlib import Path
+
 from tympan.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_console_script_help():
@@ -243,3 +247,61 @@ def test_tag_refuses_a_chunk_that_is_not_a_positive_number(tmp_path, chunk, caps
     clip = _tone_file(tmp_path / "x.wav")
     assert main(["tag", str(clip), "--model", "sat-tiny-2s", "--random", "--chunk", chunk]) == 2
     assert "--chunk" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ issue 14
+def test_tag_chunk_shorter_than_a_model_step_is_a_usage_error(data_dir, sat_checkpoint, capsys):
+    """Item 4: --chunk 1 on SAT-2s (1.92 s steps) is exit 2 naming the minimum, not a bad file (exit 1)."""
+    clip = str(sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[0])
+    assert main(["tag", clip, "--model", "sat-tiny-2s", "--checkpoint", sat_checkpoint, "--chunk", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "minimum is 1.92 s" in err and "skipped" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_tag_with_no_model_uses_the_default_model(capsys):
+    """`tympan tag FILE`, nothing else: the shipped default model, its own 1 s reporting chunks."""
+    clip = str(REPO / "tympan" / "assets" / "demo_digits_16k.flac")
+    assert main(["tag", clip, "--format", "json"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert record["chunks"][0]["tags"][0]["label"]
+
+
+def test_tag_labels_flag_names_the_classes_and_is_checked(tmp_path, data_dir, sat_checkpoint, capsys):
+    """Item 8: --labels CSV for a model without label names; a wrong number of rows is a one-line usage error."""
+    clip = str(sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[0])
+    names = tmp_path / "names.csv"
+    names.write_text("index,mid,display_name\n" + "".join(f"{i},m{i},class {i}\n" for i in range(527)))
+    common = ["tag", clip, "--model", "sat-tiny-2s", "--checkpoint", sat_checkpoint, "--format", "json"]
+    assert main([*common, "--labels", str(names)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["chunks"][0]["tags"][0]["label"].startswith("class ")
+    names.write_text("index,mid,display_name\n0,a,A\n")
+    assert main([*common, "--labels", str(names)]) == 2
+    assert "1 labels, but the model has 527 classes" in capsys.readouterr().err
+
+
+def test_tag_plot_without_matplotlib_fails_before_the_job(tmp_path, sat_checkpoint, capsys, monkeypatch):
+    """Item 8: --plot is refused up front when matplotlib is missing (not after tagging every file)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    clip = _tone_file(tmp_path / "x.wav")
+    assert main(["tag", str(clip), "--model", "sat-tiny-2s", "--checkpoint", sat_checkpoint,
+                 "--plot", str(tmp_path / "t.png")]) == 2  # fmt: skip
+    captured = capsys.readouterr()
+    assert "--plot needs matplotlib" in captured.err and captured.out == ""
+
+
+def test_data_command_reads_the_shared_csv_and_a_folder_tree(tmp_path, data_dir, capsys):
+    """Item 5: `tympan data` writes the datafile + label CSV from esc10.csv and from class/*.wav folders."""
+    assert main(["data", str(data_dir / "esc10" / "esc10.csv"), "-o", str(tmp_path / "esc10.json")]) == 0
+    assert "320 clips, 10 classes" in capsys.readouterr().out
+    assert (tmp_path / "esc10_labels.csv").is_file()
+    recordings = sorted((data_dir / "fsdd" / "recordings").glob("*_george_1[0-2].wav"))
+    for path in recordings:
+        (tmp_path / "tree" / f"digit{path.name[0]}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "tree" / f"digit{path.name[0]}" / path.name)
+    assert main(["data", str(tmp_path / "tree"), "-o", str(tmp_path / "tree.json")]) == 0
+    assert f"{len(recordings)} clips, 10 classes" in capsys.readouterr().out
+    assert main(["data", str(tmp_path / "nowhere.csv"), "-o", str(tmp_path / "x.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
