@@ -37,7 +37,6 @@ from tympan.data import (
     collate_audio,
     esc10_datafile,
     fsdd_datafile,
-    pack_shards_main,
     part_range,
     read_datafile,
     sample_beta,
@@ -407,8 +406,10 @@ def test_shard_reader_skips_corrupt_samples(fsdd_shards, tmp_path):
 
 def test_pack_shards_main(fsdd_small, tmp_path, capsys):
     datafile = write_datafile(fsdd_small[:4], tmp_path / "four.json")
-    assert pack_shards_main([str(datafile), "-o", str(tmp_path / "out"), "-s", "3"]) == 0
+    from tympan.cli import main
+
+    assert main(["shards", str(datafile), "-o", str(tmp_path / "out"), "-s", "3"]) == 0
     assert "4 samples in 2 shards" in capsys.readouterr().out
     assert [p.name for p in sorted((tmp_path / "out").glob("*.tar"))] == ["shard-000000.tar", "shard-000001.tar"]
-    assert pack_shards_main([str(tmp_path / "nope.json"), "-o", str(tmp_path / "x")]) == 2
-    assert "datafile not found" in capsys.readouterr().err
+    assert main(["shards", str(tmp_path / "nope.json"), "-o", str(tmp_path / "x")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -417,23 +417,44 @@ def plot_timeline(tags, labels, out: Path, topk: int = 5) -> Path:
 
 # --------------------------------------------------------------------------------------------------- shards
 def _add_shards(sub: argparse._SubParsersAction) -> None:
-    from tympan.data.shards import add_pack_shards_arguments
-
-    add_pack_shards_arguments(
-        sub.add_parser(
-            "shards",
-            help="pack a datafile's audio into tar shards for large-scale training",
-            description="Pack the clips of a JSON datafile into webdataset-style tar shards ({key}.flac + "
-            "{key}.json) with an index.json, for streaming training data across ranks and workers.",
-        )
+    p = sub.add_parser(
+        "shards",
+        help="pack a dataset's audio into tar shards for large-scale training",
+        description="Pack the clips of a dataset (datafile, dataset CSV, class folders, file list) into "
+        "webdataset-style tar shards ({key}.flac + {key}.json) with an index.json, for streaming training data "
+        "across ranks and workers.",
     )
+    p.add_argument("datafile", type=Path, metavar="DATASET",
+                   help="JSON datafile, dataset CSV, class-folder tree or file list (see 'tympan data')")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
+    p.add_argument("-s", "--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-shard-mb", type=float, default=None, help="also close a shard at this many MB")
+    p.add_argument("--audio-format", choices=("flac", "original"), default="flac",
+                   help="store FLAC (lossless for integer PCM) or the source files' bytes")  # fmt: skip
+    p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle clips across shards with this seed")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
 
 
 def _run_shards(args: argparse.Namespace) -> int:
-    from tympan.data.shards import pack_shards_main
+    from tympan.data import load_dataset
+    from tympan.data.shards import write_shards
 
-    return pack_shards_main(args)
-
+    try:
+        index = write_shards(
+            load_dataset(args.datafile).manifest,
+            args.output,
+            max_samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20),
+            audio_format=args.audio_format,
+            shuffle_seed=args.shuffle_seed,
+            prefix=args.prefix,
+            progress=sys.stderr.isatty(),
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"wrote {index.num_samples} samples in {len(index.shards)} shards to {index.path.parent}"
+          + (f"; skipped {len(index.skipped)} unreadable clips" if index.skipped else ""))  # fmt: skip
+    return 1 if index.skipped else 0
 
 
 # ---------------------------------------------------------------------------------------------------- probe
@@ -614,7 +635,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 
 def _add_niah(sub: argparse._SubParsersAction) -> None:
-    from tympan.eval.niah import add_niah_arguments
+    from tympan.eval.niah import AGGREGATES, BABBLE_ENV, DEFAULT_DURATIONS, DEFAULT_POSITIONS, HAYSTACKS
 
     p = sub.add_parser(
         "niah",
@@ -630,13 +651,42 @@ def _add_niah(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(p)
-    add_niah_arguments(p)
+    p.add_argument("needles", nargs="+", help="needle audio files and/or JSON datafiles")
+    p.add_argument("--output-dir", "-o", required=True)
+    p.add_argument("--durations", type=float, nargs="+", default=list(DEFAULT_DURATIONS),
+                   help="haystack durations in seconds (default 10 s .. 1 h)")
+    p.add_argument("--positions", type=float, nargs="+", default=list(DEFAULT_POSITIONS), help="0..1")
+    p.add_argument("--haystack", choices=HAYSTACKS, default="zeros")
+    p.add_argument("--snr", type=float, default=10.0, help="dB of the needle over a noise haystack")
+    p.add_argument("--babble", help=f"babble noise file (default ${BABBLE_ENV})")
+    p.add_argument("--needle-seconds", type=float, default=5.0)
+    p.add_argument("--num-needles", type=int, default=8)
+    p.add_argument("--labels", choices=("self", "datafile"), default="self")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--aggregate", choices=AGGREGATES, default="mean", help="over windows of window models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compare", nargs="+", default=[], metavar="SWEEP",
+                   help="earlier sweeps (niah.json or their folders) to draw in the same PNG and tabulate")
 
 
 def _run_niah(args: argparse.Namespace) -> int:
-    from tympan.eval.niah import run_niah_args
+    from tympan.eval.niah import niah_main
 
-    return run_niah_args(args, overrides=_parse_overrides(args.set))
+    checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
+    niah_main(_model_id(args) or _sidecar_model(args.checkpoint), args.needles, args.output_dir,
+              checkpoint=checkpoint, pretrained=not args.random, durations=args.durations, positions=args.positions,
+              haystack=args.haystack, snr_db=args.snr, babble_path=args.babble, needle_seconds=args.needle_seconds,
+              num_needles=args.num_needles, labels=args.labels, top_k=args.top_k, aggregate=args.aggregate,
+              seed=args.seed, device=args.device, overrides=_parse_overrides(args.set), compare=args.compare)  # fmt: skip
+    return 0
+
+
+def _sidecar_model(checkpoint: Path | None) -> str:
+    """The model id a tympan checkpoint's sidecar names."""
+    from tympan.eval.embed import _sidecar_model_id
+
+    return _sidecar_model_id(str(checkpoint) if checkpoint else None)
 
 
 # --------------------------------------------------------------------------------------------------- listen

@@ -42,8 +42,6 @@ from tympan.data.sampling import BalancedSampler, DistributedSampler, balanced_w
 from tympan.data.shards import (
     ShardDataset,
     ShardIndex,
-    add_pack_shards_arguments,
-    pack_shards_main,
     read_shard_index,
     write_shards,
 )
@@ -70,7 +68,6 @@ __all__ = [
     "ShardIndex",
     "SpecAugment",
     "TimeRoll",
-    "add_pack_shards_arguments",
     "balanced_weights",
     "collate_audio",
     "crop_or_pad",
@@ -81,7 +78,6 @@ __all__ = [
     "load_dataset",
     "mask_along_axis",
     "mix_batch",
-    "pack_shards_main",
     "part_range",
     "read_datafile",
     "read_shard_index",

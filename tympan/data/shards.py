@@ -23,7 +23,6 @@ before its first sample by their tar headers. So 3 shards over 8 workers, or 100
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -51,8 +50,6 @@ __all__ = [
     "INDEX_NAME",
     "ShardDataset",
     "ShardIndex",
-    "add_pack_shards_arguments",
-    "pack_shards_main",
     "read_shard_index",
     "write_shards",
 ]
@@ -394,42 +391,3 @@ class ShardDataset(ClipPipeline, torch.utils.data.IterableDataset):
             item["key"], item["skipped"] = sample.key, pending_skips
             pending_skips = 0
             yield item
-
-
-# ------------------------------------------------------------------------------------------------ CLI entry
-def add_pack_shards_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Declare the arguments of ``tympan shards DATAFILE -o OUT``."""
-    parser.add_argument("datafile", type=Path, metavar="DATAFILE", help="JSON datafile ({'data': [{'wav', 'labels'}]})")
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
-    parser.add_argument("-s", "--samples-per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--max-shard-mb", type=float, default=None, help="also close a shard at this many MB")
-    parser.add_argument("--audio-format", choices=("flac", "original"), default="flac",
-                        help="store FLAC (lossless for integer PCM) or the source files' bytes")  # fmt: skip
-    parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle clips across shards with this seed")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    return parser
-
-
-def pack_shards_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Pack a datafile into shards (``tympan shards``); returns the exit status (2 on bad input)."""
-    if not isinstance(args, argparse.Namespace):
-        description = "Pack a datafile's clips into webdataset-style tar shards with an index.json."
-        parser = add_pack_shards_arguments(argparse.ArgumentParser(prog="tympan shards", description=description))
-        args = parser.parse_args(args)
-    try:
-        index = write_shards(
-            args.datafile,
-            args.output,
-            max_samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20),
-            audio_format=args.audio_format,
-            shuffle_seed=args.shuffle_seed,
-            prefix=args.prefix,
-            progress=sys.stderr.isatty(),
-        )
-    except (ValueError, OSError) as err:
-        print(f"tympan shards: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {index.num_samples} samples in {len(index.shards)} shards to {index.path.parent}"
-          + (f"; skipped {len(index.skipped)} unreadable clips" if index.skipped else ""))  # fmt: skip
-    return 1 if index.skipped else 0

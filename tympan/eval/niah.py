@@ -34,7 +34,6 @@ Scores, per (duration, position), over a set of needles:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -538,34 +537,3 @@ def _datafile_targets(model: nn.Module, needle_labels: list[tuple[str, ...]]) ->
             except KeyError:
                 raise ValueError(f"needle label {label!r} is not a class of the model's label set") from None
     return targets
-
-
-def add_niah_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tympan niah`` besides the model ones (``--model/--checkpoint/--set``, added by the CLI)."""
-    parser.add_argument("needles", nargs="+", help="needle audio files and/or JSON datafiles")
-    parser.add_argument("--output-dir", "-o", required=True)
-    parser.add_argument("--durations", type=float, nargs="+", default=list(DEFAULT_DURATIONS),
-                        help="haystack durations in seconds (default 10 s .. 1 h)")
-    parser.add_argument("--positions", type=float, nargs="+", default=list(DEFAULT_POSITIONS), help="0..1")
-    parser.add_argument("--haystack", choices=HAYSTACKS, default="zeros")
-    parser.add_argument("--snr", type=float, default=10.0, help="dB of the needle over a noise haystack")
-    parser.add_argument("--babble", help=f"babble noise file (default ${BABBLE_ENV})")
-    parser.add_argument("--needle-seconds", type=float, default=5.0)
-    parser.add_argument("--num-needles", type=int, default=8)
-    parser.add_argument("--labels", choices=("self", "datafile"), default="self")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--aggregate", choices=AGGREGATES, default="mean", help="over windows of window models")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compare", nargs="+", default=[], metavar="SWEEP",
-                        help="earlier sweeps (niah.json or their folders) to draw in the same PNG and tabulate")
-
-
-def run_niah_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
-    checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
-    niah_main(args.model, args.needles, args.output_dir, checkpoint=checkpoint, pretrained=not args.random,
-              durations=args.durations, positions=args.positions, haystack=args.haystack, snr_db=args.snr,
-              babble_path=args.babble, needle_seconds=args.needle_seconds, num_needles=args.num_needles,
-              labels=args.labels, top_k=args.top_k, aggregate=args.aggregate, seed=args.seed, device=args.device,
-              overrides=overrides, compare=args.compare)  # fmt: skip
-    return 0
