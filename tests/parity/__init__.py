@@ -64,6 +64,25 @@ class Fixture:
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
+    def chunk_index(self, name: str) -> int:
+        """The chunk that meta.json says tensor ``name`` is: ``NAME = chunk N`` in a ``forward_call(s)`` entry, else
+        ``chunk N`` in the tensor's own description; 0 when it names none."""
+        import re
+
+        calls = self.meta.get("forward_calls", self.meta.get("forward_call", ""))
+        text = " ".join(map(str, calls.values())) if isinstance(calls, dict) else str(calls)
+        found = re.search(rf"\b{re.escape(name)}\s*=\s*chunk (\d+)\b", text)
+        info = self.meta.get("tensors", {}).get(name)
+        meaning = str(info.get("meaning", "") if isinstance(info, dict) else info or "")
+        found = found or re.search(r"\bchunk (\d+)\b", meaning)
+        return int(found.group(1)) if found else 0
+
+    def lengths_for(self, input_name: str) -> torch.Tensor | None:
+        """The lengths tensor given with ``input_name`` (``x_length`` with ``input``, ``masked_x_length`` with
+        ``masked_input``), or ``None`` when the fixture holds none."""
+        name = input_name[: -len("input")] + "x_length"
+        return self.tensors.get(name)
+
     def has(self, *names: str) -> bool:
         return all(n in self.tensors for n in names)
 

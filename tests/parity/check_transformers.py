@@ -14,7 +14,6 @@ import torch
 import tympan
 from tests.parity import Fixture, checks_for
 from tympan.checkpoints import read_checkpoint
-from tympan.inference import Streamer
 from tympan.models.registry import get_model_entry
 
 # constructor argument of the originals -> our config key
@@ -47,10 +46,9 @@ def check_dasheng(fx: Fixture) -> None:
     atol, rtol = _tolerance(fx)
     if fx.has("mel"):
         fx.compare("mel", model.forward_to_spec(fx["input"]).reshape(fx["mel"].shape), atol=atol, rtol=rtol)
-    if fx.has("output"):
-        fx.compare("output", model(fx["input"]), atol=atol, rtol=rtol)
-    if fx.has("masked_output"):
-        fx.compare("masked_output", model(fx["masked_input"], fx["masked_x_length"]), atol=atol, rtol=rtol)
+    for inp, out in (("input", "output"), ("masked_input", "masked_output")):  # lengths whenever the fixture has them
+        if fx.has(inp, out):
+            fx.compare(out, model(fx[inp], fx.lengths_for(inp)), atol=atol, rtol=rtol)
 
 
 @checks_for("audiotransformer-tiny")
@@ -66,7 +64,7 @@ def check_audiotransformer(fx: Fixture) -> None:
 @checks_for("sat-tiny-2s")
 @torch.no_grad()
 def check_sat_streaming(fx: Fixture) -> None:
-    """``inference.py``'s loop (silence cache, whole-second chunks, caches carried) and the Streamer; the model returns
+    """``inference.py``'s loop (silence cache, whole-second chunks, caches carried); the model returns
     logits, the fixture the original's sigmoid probabilities (compared through ``model.probabilities``)."""
     model = _load(fx, "sat-tiny-2s")
     atol, rtol = _tolerance(fx)
@@ -89,7 +87,6 @@ def check_sat_streaming(fx: Fixture) -> None:
             fx.compare(name, outputs, atol=atol, rtol=rtol)
     if fx.has("final_cache"):
         fx.compare("final_cache", cache, atol=cache_atol, rtol=rtol)
-    if batch == 1 and fx.has("chunk_outputs"):
-        # the Streamer computes each stream's dB floor alone, which equals the original's only at batch 1
-        results = Streamer(model, chunk / 16000).run(waveform)
-        fx.compare("chunk_outputs", torch.stack([r.output for r in results]), atol=atol, rtol=rtol)
+    # Not compared: the Streamer. inference.py steps 2 s pieces and drops each piece's frames past 192 (0.08 s of
+    # every 2 s); the Streamer runs back-to-back 1.92 s model steps (issue 14), checked against a step loop in
+    # tests/test_streaming.py.
