@@ -164,7 +164,9 @@ class TymNet(AudioModel):
 
     def backbone(self, patches: Tensor) -> Tensor:
         """Patches ``[P, 96, 64]`` -> pooled features ``[P, channels[-1]]``."""
-        x = F.relu(self.stem_bn(self.stem(patches[:, None])))
+        # explicitly NHWC like the weights: with an ambiguous 1-channel layout oneDNN can fall back to a path that is
+        # hundreds of times slower (seen under torch.inference_mode)
+        x = F.relu(self.stem_bn(self.stem(patches[:, None].contiguous(memory_format=torch.channels_last))))
         return self.blocks(x).mean((-2, -1))
 
     def patch_outputs(self, patches: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
