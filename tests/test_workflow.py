@@ -103,3 +103,28 @@ def test_embed_and_probe_a_subset_of_the_esc10_csv(tmp_path, data_dir, capsys):
     assert main(["probe", str(out), str(esc10), "--label-column", "category", "-k", "1"]) == 0
     captured = capsys.readouterr()
     assert "probing the 8 of 320 datafile rows that have an embedding" in captured.err
+
+
+def test_models_table_says_where_weights_come_from(capsys):
+    """Item 11: the weights column says shipped / cached / download, and why there is nothing to load."""
+    assert main(["models", "mae-audiotransformer-tiny"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "none released: train it or give --checkpoint PATH" in line
+    assert main(["models", "tymnet-s"]) == 0
+    assert " shipped " in capsys.readouterr().out
+
+
+def test_load_an_official_container_builds_from_its_stored_config(shared_dir):
+    """Item 11: Dasheng's container stores its constructor config (as Dasheng.from_pretrained reads it); tympan.load
+    builds from it with no size overrides."""
+    import torch
+    from safetensors.torch import load_file
+
+    import tympan
+
+    fixture = shared_dir / "fixtures" / "dasheng-base"
+    model = tympan.load("dasheng-base", checkpoint=fixture / "checkpoint.pt")
+    assert (model.tympan_config["embed_dim"], model.tympan_config["depth"]) == (384, 2)
+    io = load_file(str(fixture / "io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["input"]), io["output"], atol=1e-4, rtol=1e-4)

@@ -278,7 +278,8 @@ def load(model_id: str | None = None, checkpoint: str | os.PathLike | None = Non
     if checkpoint is None:
         entry = get_model_entry(model_id)
         if entry.weights is None:
-            raise CheckpointError(f"{model_id} has no official weights; pass checkpoint=PATH")
+            raise CheckpointError(f"{model_id} has no official weights: give a checkpoint (--checkpoint PATH on the "
+                                  "command line, checkpoint=PATH in Python), or train one with 'tympan train'")
         checkpoint = download(entry.weights)
     state, meta = read_checkpoint(checkpoint)
     if model_id is None:
@@ -287,6 +288,8 @@ def load(model_id: str | None = None, checkpoint: str | os.PathLike | None = Non
             raise CheckpointError(f"{checkpoint}: no sidecar {sidecar_path(checkpoint).name} naming the model id")
     entry = get_model_entry(model_id)
     stored = dict(meta.get("config", {})) if meta.get("model_id") == model_id else {}
+    if not stored and not meta.get("model_id"):  # an official container's own config (Dasheng.from_pretrained's)
+        stored = _container_config(entry, meta.get("container", {}).get("config"))
     if stored:
         validate_config(model_id, stored, str(sidecar_path(checkpoint)))
     config = {**stored, **overrides}
@@ -303,6 +306,17 @@ def load(model_id: str | None = None, checkpoint: str | os.PathLike | None = Non
             raise CheckpointError(f"{checkpoint}: not a {entry.family} checkpoint (no key {err})") from None
     load_state_dict_strict(model, state, source=str(checkpoint))
     return model.eval()
+
+
+def _container_config(entry: Any, config: Any) -> dict[str, Any]:
+    """The entries of an official checkpoint's stored constructor config that the family's builder takes (the others,
+    e.g. Dasheng's fixed patch size, are not settings of ours)."""
+    from tympan.models.registry import builder_settings
+
+    if not isinstance(config, dict):
+        return {}
+    settings = builder_settings(entry)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in settings}
 
 
 def _restore_frontend(model: nn.Module, settings: Any) -> None:

@@ -43,7 +43,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list the registered models",
-        description="List the registered model ids with their family, input and official weights.",
+        description="List the registered model ids with their family, input, labels and official weights. The "
+        "weights column says whether they ship with tympan (shipped), are in the download cache ($TYMPAN_CACHE or "
+        "~/.cache/tympan: cached), are fetched on first use (download), or were never released (-: train the model "
+        "or give --checkpoint PATH).",
     )
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter on the id, e.g. 'dasheng-*'")
     p.add_argument("--pretrained", action="store_true", help="only models with official weights")
@@ -56,14 +59,29 @@ def _run_models(args: argparse.Namespace) -> int:
     if not names:
         print(f"no registered model matches {args.pattern!r}", file=sys.stderr)
         return 1
-    rows = [("id", "family", "input", "labels", "official weights")]
+    rows = [("id", "family", "input", "labels", "weights", "official weights")]
     for name in names:
         e = get_model_entry(name)
-        rows.append((name, e.family, e.input_kind, e.labels or "-", e.weights.url if e.weights else "-"))
+        rows.append((name, e.family, e.input_kind, e.labels or "-", _weights_status(e.weights),
+                     e.weights.url if e.weights else "none released: train it or give --checkpoint PATH"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     return 0
+
+
+def _weights_status(weights) -> str:
+    """``shipped`` (in the package), ``cached`` (downloaded), ``download`` (fetched on first use) or ``-`` (none)."""
+    from urllib.parse import urlparse
+
+    from tympan.checkpoints import PACKAGE_SCHEME, cache_dir
+
+    if weights is None:
+        return "-"
+    if weights.url.startswith(PACKAGE_SCHEME):
+        return "shipped"
+    name = weights.filename or Path(urlparse(weights.url).path).name
+    return "cached" if (cache_dir() / name).is_file() else "download"
 
 
 # ------------------------------------------------------------------------------------------------- features
