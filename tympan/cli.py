@@ -92,12 +92,56 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
         "features",
         help="compute spectrogram features of audio files",
         description="Compute a model family's input features for each FILE and write one file per input "
-        "into OUT. Files that cannot be read are reported and skipped; the exit status is 1 if any failed.",
+        "into OUT. Every frontend writes the same layout: a 2-D array [frames, bins], one row per 10 ms frame "
+        "(kaldi-fbank 23 bins, ast-fbank 128, dasheng-mel/sat-mel 64 in dB, ssam-mel 80; --bins changes it). "
+        "Files that cannot be read are reported and skipped; the exit status is 1 if any failed.",
+        epilog="example:\n  tympan features clip.wav --frontend dasheng-mel --bins 128 -o feats/   "
+        "feats/clip.npy, shape [frames, 128]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files (wav, flac, ogg, mp3)")
     p.add_argument("--frontend", required=True, choices=sorted(FRONTENDS), help="which frontend to run")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
     p.add_argument("--format", choices=("npy", "safetensors"), default="npy", help="output file format")
+    p.add_argument("--bins", type=int, metavar="N", help="number of mel bins (default: the frontend's own)")
+
+
+def _frontend_bins(frontend) -> int | None:
+    """The number of frequency bins a frontend produces (its ``n_mels`` or ``num_mel_bins``)."""
+    for name in ("n_mels", "num_mel_bins"):
+        if isinstance(getattr(frontend, name, None), int):
+            return getattr(frontend, name)
+    options = getattr(frontend, "options", None)
+    return options.get("num_mel_bins") if isinstance(options, dict) else None
+
+
+def _build_frontend(name: str, bins: int | None):
+    """``get_frontend(name)`` with ``bins`` mel bins, whichever name the frontend gives that setting."""
+    import inspect
+
+    from tympan.features import FRONTENDS, get_frontend
+
+    if bins is None:
+        return get_frontend(name)
+    if bins < 1:
+        raise UserError(f"--bins must be a positive number, got {bins}")
+    accepted = inspect.signature(FRONTENDS[name]).parameters
+    key = next((k for k in ("n_mels", "num_mel_bins") if k in accepted), None)
+    if key is None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        key = "num_mel_bins"  # Kaldi's options
+    if key is None:
+        raise UserError(f"--bins: the {name} frontend has no setting for its number of bins")
+    return get_frontend(name, **{key: bins})
+
+
+def frames_by_bins(features, bins: int | None):
+    """Any frontend's output as ``[frames, bins]``: leading singleton axes dropped, a ``[bins, frames]`` map
+    transposed."""
+    while features.ndim > 2 and features.shape[0] == 1:
+        features = features[0]
+    if features.ndim == 2 and bins is not None and features.shape[0] == bins and features.shape[1] != bins:
+        features = features.transpose(0, 1)
+    return features
 
 
 def _run_features(args: argparse.Namespace) -> int:
@@ -107,7 +151,6 @@ def _run_features(args: argparse.Namespace) -> int:
 
     from tympan.audio import AudioError, stream
     from tympan.errors import TympanError
-    from tympan.features import get_frontend
     from tympan.features.streaming import stream_features
     from tympan.files import atomic_write, unique_names
 
@@ -117,7 +160,8 @@ def _run_features(args: argparse.Namespace) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--output {args.output}: cannot create the folder ({err.strerror or err})") from None
-    frontend = get_frontend(args.frontend)
+    frontend = _build_frontend(args.frontend, args.bins)
+    bins = _frontend_bins(frontend)
     names = unique_names(list(args.files), f".{args.format}")  # a/x.flac and b/x.wav never share an output
     failed: list[str] = []
     written = 0
@@ -128,7 +172,7 @@ def _run_features(args: argparse.Namespace) -> int:
             with torch.no_grad():  # block by block: a 1 h file never lies in memory whole
                 feats = stream_features(frontend, lambda: stream(path, block_seconds=30.0,
                                                                  sample_rate=frontend.sample_rate))
-            feats = feats.contiguous()
+            feats = frames_by_bins(feats, bins).contiguous()
         except (AudioError, TympanError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
@@ -815,7 +859,9 @@ def _run_listen(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        args.model = args.model or live.default_model()
+        from tympan.models import DEFAULT_MODEL
+
+        args.model = args.model or DEFAULT_MODEL
         model = _load_model(args)
         try:
             streamer = Streamer(model, chunk_seconds=args.chunk)
@@ -947,10 +993,12 @@ def _run_export(args: argparse.Namespace) -> int:
     import json
 
     try:
-        from tympan.export import ExportError, default_model_id, export_onnx, verify_onnx
+        from tympan.export import ExportError, export_onnx, verify_onnx
     except ImportError as err:
         raise UserError(f"export needs onnx, onnxscript and onnxruntime: pip install 'tympan[onnx]' ({err})")
-    args.model = args.model or default_model_id()
+    from tympan.models import DEFAULT_MODEL
+
+    args.model = args.model or DEFAULT_MODEL
     model = _load_model(args)
     try:
         report = export_onnx(model, args.output, frontend=not args.no_frontend, opset=args.opset)
