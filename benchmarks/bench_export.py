@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import tympan
-from tympan.export import ExportError, default_model_id, export_onnx, verify_onnx
+from tympan.export import ExportError, export_onnx, verify_onnx
+from tympan.models import DEFAULT_MODEL
 
 FAMILIES = {  # family -> the id benchmarked
     "AST": "ast-base384",
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="write the ONNX files here instead of a temporary folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ids = args.models or list(dict.fromkeys([*FAMILIES.values(), default_model_id()]))
+    ids = args.models or list(dict.fromkeys([*FAMILIES.values(), DEFAULT_MODEL]))
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}; "
           "baseline: PyTorch eager on the same inputs")
     rows = []

@@ -24,7 +24,8 @@ import soundfile as sf
 import torch
 
 import tympan
-from tympan.inference.live import FileSource, default_model, run_live
+from tympan.inference.live import FileSource, run_live
+from tympan.models import DEFAULT_MODEL
 from tympan.inference.streaming import Streamer
 
 SHARED = Path(os.environ.get("TYMPAN_SHARED") or Path(tympan.__file__).resolve().parents[2] / "shared")
@@ -84,11 +85,11 @@ def main() -> None:
     ids = []  # (model id, chunk seconds or None)
     for spec in args.models:
         name, _, chunk = spec.partition(":")
-        entry = (default_model() if name == "default" else name, float(chunk) if chunk else args.chunk)
+        entry = (DEFAULT_MODEL if name == "default" else name, float(chunk) if chunk else args.chunk)
         if entry not in ids:
             ids.append(entry)
     print(f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, threads {args.threads}; "
-          f"default model {default_model()}; {args.seconds:g} s of ESC-10 at real-time pace, 10 ms blocks")
+          f"default model {DEFAULT_MODEL}; {args.seconds:g} s of ESC-10 at real-time pace, 10 ms blocks")
     with tempfile.TemporaryDirectory() as tmp:
         path = haystack(args.seconds, Path(tmp) / "haystack.flac")
         rows = []

@@ -50,7 +50,6 @@ __all__ = [
     "OnnxModel",
     "export_cache_path",
     "export_graph",
-    "default_model_id",
     "export_onnx",
     "onnx_tag_file",
     "verify_onnx",
@@ -148,16 +147,6 @@ class ExportReport:
         return (f"{self.path}: {self.model_id} ({self.kind}), exported in {self.export_seconds:.1f} s; "
                 f"max |ORT - PyTorch| at {self.lengths} samples: {diffs}; ORT/PyTorch speed {self.speedup:.2f}x "
                 f"(PyTorch {self.torch_seconds * 1e3:.1f} ms, ORT {self.ort_seconds * 1e3:.1f} ms); {verdict}")
-
-
-FALLBACK_MODEL = "sat-tiny-2s"  # until the package names a default model (tympan.models.DEFAULT_MODEL)
-
-
-def default_model_id() -> str:
-    """The model ``tympan export`` uses without ``--model``: ``tympan.models.DEFAULT_MODEL`` when it exists."""
-    from tympan import models
-
-    return getattr(models, "DEFAULT_MODEL", None) or FALLBACK_MODEL
 
 
 def output_kind(model: AudioModel) -> str:

@@ -47,7 +47,7 @@ from tympan.models.protocol import Embeddings, audio_model
 SAMPLE_RATE = 16000
 MAX_HOP_MS = 50.0
 MODEL_ENV = "TYMPAN_HEAR_MODEL"
-DEFAULT_MODEL = "dasheng-base"
+from tympan.models.registry import DEFAULT_MODEL  # noqa: E402  (the shipped default, offline)
 MIN_SAMPLES = 400  # one 25 ms frame
 
 __all__ = [

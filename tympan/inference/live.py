@@ -31,7 +31,6 @@ import numpy as np
 from tympan.errors import TympanError
 
 __all__ = [
-    "FALLBACK_MODEL",
     "Block",
     "FileSource",
     "LiveError",
@@ -39,27 +38,16 @@ __all__ = [
     "MicrophoneSource",
     "PcmSource",
     "Source",
-    "default_model",
     "list_input_devices",
     "run_live",
 ]
 
 SAMPLE_RATE = 16000
-# The model `tympan listen` runs without --model while the package names no default of its own
-# (``tympan.models.DEFAULT_MODEL`` wins as soon as it exists): see :func:`default_model`.
-FALLBACK_MODEL = "sat-tiny-2s"
 PCM_ENCODINGS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 _POLL_SECONDS = 0.05  # how often a waiting source looks at its stop flag
 # Capture/replay block: a chunk closing inside a block waits for the block's end, so this bounds the latency it adds
 # (10 ms = 160 samples divides every chunk length in use: 0.48 s, 1 s, 2 s).
 BLOCK_SECONDS = 0.01
-
-
-def default_model() -> str:
-    """The model id ``tympan listen`` uses when ``--model`` is omitted."""
-    from tympan import models
-
-    return getattr(models, "DEFAULT_MODEL", None) or FALLBACK_MODEL
 
 
 class LiveError(TympanError, RuntimeError):
