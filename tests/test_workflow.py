@@ -77,6 +77,11 @@ def test_csv_to_datafile_to_train_evaluate_tag_embed_probe(walk, data_dir, capsy
     record = json.loads(capsys.readouterr().out)[0]
     assert {t["label"] for t in record["chunks"][0]["tags"]} == {"zero", "one", "two"}
 
+    # listen to a file with the trained model: no --model, no --labels
+    assert main(["listen", str(clip), "--checkpoint", str(checkpoint), "--fast", "--format", "jsonl"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert {t["label"] for t in first["tags"]} <= {"zero", "one", "two"}
+
     # embed the CSV directly, probe with the stored labels and split (items 5, 6)
     embeddings = walk / "digits.safetensors"
     assert main(["embed", str(walk / "digits.csv"), "--checkpoint", str(checkpoint), "-o", str(embeddings),

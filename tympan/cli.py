@@ -859,10 +859,7 @@ def _run_listen(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        from tympan.models import DEFAULT_MODEL
-
-        args.model = args.model or DEFAULT_MODEL
-        model = _load_model(args)
+        model = _load_model(args)  # --model, else the --checkpoint sidecar's model, else the default model
         try:
             streamer = Streamer(model, chunk_seconds=args.chunk)
             labels = Tagger(model).labels
@@ -996,10 +993,7 @@ def _run_export(args: argparse.Namespace) -> int:
         from tympan.export import ExportError, export_onnx, verify_onnx
     except ImportError as err:
         raise UserError(f"export needs onnx, onnxscript and onnxruntime: pip install 'tympan[onnx]' ({err})")
-    from tympan.models import DEFAULT_MODEL
-
-    args.model = args.model or DEFAULT_MODEL
-    model = _load_model(args)
+    model = _load_model(args)  # --model, else the --checkpoint sidecar's model, else the default model
     try:
         report = export_onnx(model, args.output, frontend=not args.no_frontend, opset=args.opset)
     except ExportError as err:

@@ -515,49 +515,82 @@ def onnx_tag_file(runner: OnnxModel, path: str | os.PathLike, chunk_seconds: flo
                   block_seconds: float = 60.0):
     """:func:`tympan.inference.tagging.tag_file` on the ORT backend: same chunks, same clip-level mean.
 
-    Chunks default to the model's window (streaming: its chunk rounded up to whole seconds); a streaming model
-    carries its state over full chunks and scores a final partial chunk without updating it.
+    Chunks default to the model's window (streaming: its step rounded up to whole seconds). A streaming model runs
+    whole steps of ``chunk_samples`` back to back (as :class:`tympan.inference.Streamer`): a chunk reports the mean
+    of the steps ending inside it, and the final partial chunk adds one zero-padded step that leaves the state alone.
     """
     from tympan import audio
     from tympan.inference.tagging import FileTags
 
     if not runner.has_head:
         raise ValueError(f"{runner.model_id} is an encoder without a classification head: it has no tags to give")
+    rate = runner.sample_rate
     if chunk_seconds is None:
-        chunk_seconds = (runner.stream_chunk_samples / runner.sample_rate if runner.streaming
-                         else round((runner.window_samples or 10 * runner.sample_rate) / runner.sample_rate, 2))
-    chunk = int(chunk_seconds * runner.sample_rate)
-    if runner.streaming and not runner.chunk_samples <= chunk <= runner.stream_chunk_samples:
-        raise ValueError(f"the exported step of {runner.model_id} reads chunks of {runner.chunk_samples} to "
-                         f"{runner.stream_chunk_samples} samples; use --backend torch for {chunk_seconds:g} s chunks")
+        chunk_seconds = (math.ceil(runner.chunk_samples / rate) if runner.streaming
+                         else round((runner.window_samples or 10 * rate) / rate, 2))  # fmt: skip
+    chunk = round(chunk_seconds * rate)
+    if runner.streaming and chunk < runner.chunk_samples:
+        from tympan.inference.streaming import ChunkTooShortError
+
+        raise ChunkTooShortError(f"chunk_seconds {chunk_seconds:g} is shorter than one step of the model; the minimum "
+                                 f"is {runner.chunk_samples / rate:g} s")  # fmt: skip
     tags = FileTags(str(path))
-    state = runner.init_state(1) if runner.streaming else None
-    pending = np.zeros(0, np.float32)
-    offset = 0
+    blocks = audio.stream(path, block_seconds=block_seconds, sample_rate=rate, mono=True)
+    if runner.streaming:
+        _onnx_stream_steps(runner, (np.asarray(b, np.float32).reshape(-1) for b in blocks), chunk, tags)
+    else:
+        pending, offset = np.zeros(0, np.float32), 0
 
-    def score(piece: np.ndarray, full: bool) -> None:
-        nonlocal state, offset
-        if runner.streaming:
-            probs, new_state = runner.step(piece[None], state)
-            if full:
-                state = new_state
-        else:
-            probs = runner.probabilities(piece[None])
-        tags.starts.append(offset / runner.sample_rate)
-        offset += piece.shape[0]
-        tags.ends.append(offset / runner.sample_rate)
-        tags.chunk_probs.append(probs[0].float())
+        def score(piece: np.ndarray) -> None:
+            nonlocal offset
+            tags.starts.append(offset / rate)
+            offset += piece.shape[0]
+            tags.ends.append(offset / rate)
+            tags.chunk_probs.append(runner.probabilities(piece[None])[0].float())
 
-    for block in audio.stream(path, block_seconds=block_seconds, sample_rate=runner.sample_rate, mono=True):
-        pending = np.concatenate([pending, np.asarray(block, np.float32).reshape(-1)])
-        while pending.shape[0] >= chunk:
-            score(pending[:chunk], True)
-            pending = pending[chunk:]
-    if pending.shape[0] > runner.min_samples and (runner.stream_partial or not runner.streaming):
-        score(pending, False)
+        for block in blocks:
+            pending = np.concatenate([pending, np.asarray(block, np.float32).reshape(-1)])
+            while pending.shape[0] >= chunk:
+                score(pending[:chunk])
+                pending = pending[chunk:]
+        if pending.shape[0] > runner.min_samples:
+            score(pending)
     if not tags.chunk_probs:
         raise ValueError(f"{path}: too short to tag")
     return tags
+
+
+def _onnx_stream_steps(runner: OnnxModel, blocks: Any, chunk: int, tags: Any) -> None:
+    """Whole ``chunk_samples`` steps of a streaming ONNX model, reported per ``chunk`` samples (see onnx_tag_file)."""
+    step, rate = runner.chunk_samples, runner.sample_rate
+    state = runner.init_state(1)
+    pending = np.zeros(0, np.float32)  # samples of the step in progress
+    probs: list[torch.Tensor] = []  # steps ended in the current chunk
+    filled = offset = 0
+
+    def report() -> None:
+        nonlocal filled, offset, probs
+        tags.starts.append(offset / rate)
+        offset += filled
+        tags.ends.append(offset / rate)
+        tags.chunk_probs.append(torch.stack(probs).mean(0))
+        probs, filled = [], 0
+
+    for block in blocks:
+        while block.shape[0]:
+            take = min(chunk - filled, step - pending.shape[0], block.shape[0])
+            pending, block, filled = np.concatenate([pending, block[:take]]), block[take:], filled + take
+            if pending.shape[0] == step:
+                out, state = runner.step(pending[None], state)
+                probs.append(out[0].float())
+                pending = np.zeros(0, np.float32)
+            if filled == chunk:
+                report()
+    if filled and (probs or filled > runner.min_samples - 1):
+        if pending.shape[0]:
+            out, _ = runner.step(np.pad(pending, (0, step - pending.shape[0]))[None], state)
+            probs.append(out[0].float())
+        report()
 
 
 def export_cache_path(model: nn.Module, directory: str | os.PathLike | None = None) -> Path:
