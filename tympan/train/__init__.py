@@ -103,8 +103,7 @@ def train_main(config_path: str | os.PathLike | None, overrides: list[str] | Non
     except (ValueError, KeyError, OSError) as err:  # bad recipe values, unknown ids, missing files
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if trainer.ctx.is_main:
-        print(f"run folder: {trainer.out}", file=sys.stderr, flush=True)
+    trainer.console = True
     summary = trainer.fit(resume=resume)
     if trainer.ctx.is_main:
         print(json.dumps(summary, indent=2))

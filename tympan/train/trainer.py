@@ -180,7 +180,12 @@ def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Opti
 
 
 class Trainer:
-    """Train one recipe; ``Trainer(config).fit(resume=False)``. See the module docstring."""
+    """Train one recipe; ``Trainer(config).fit(resume=False)``. See the module docstring.
+
+    With ``console = True`` (as ``tympan train`` sets it) the run folder and one line per epoch (train loss,
+    validation metrics) go to stderr."""
+
+    console = False
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -448,6 +453,8 @@ class Trainer:
         resumed = resume and self.resume()  # checked before config.yaml is replaced: a refused resume keeps it
         if self.ctx.is_main:
             save_config(cfg, self.out / "config.yaml")
+            if self.console:
+                print(f"run folder: {self.out}", file=sys.stderr, flush=True)
         if resumed and self.ctx.is_main:
             print(f"resumed at epoch {self.state['epoch']}, batch {self.state['batch']}, step {self.state['step']}")
         elif self.ctx.is_main:
@@ -523,8 +530,9 @@ class Trainer:
                       "train_loss": sum(losses) / max(1, len(losses)), **metrics}  # fmt: skip
             self.log(record)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            print(f"epoch {epoch + 1}/{train['epochs']}: train loss {record['train_loss']:.4g}"
-                  + (f"; valid {shown}" if shown else ""), file=sys.stderr, flush=True)  # fmt: skip
+            if self.console:
+                print(f"epoch {epoch + 1}/{train['epochs']}: train loss {record['train_loss']:.4g}"
+                      + (f"; valid {shown}" if shown else ""), file=sys.stderr, flush=True)  # fmt: skip
             value = metrics.get(self.metric)
             better = value is not None and (self.state["best"] is None or (value < self.state["best"] if
                                             self.metric == "loss" else value > self.state["best"]))  # fmt: skip
