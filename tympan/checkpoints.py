@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tympan.errors import TympanError
+from tympan.errors import CheckpointError
 from tympan.labels import LabelSet
 from tympan.models.registry import DEFAULT_MODEL, StateDict, Weights, create_model, get_model_entry
 
@@ -45,8 +45,6 @@ PACKAGE_SCHEME = "package://"  # weights shipped as package data: package://tymp
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
 
 
-class CheckpointError(TympanError, RuntimeError):
-    """A checkpoint cannot be read or does not fit the model."""
 
 
 def cache_dir() -> Path:

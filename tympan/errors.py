@@ -8,11 +8,15 @@ keep working.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "InputError", "OutputError", "ResumeError", "TympanError"]
+__all__ = ["CheckpointError", "ConfigError", "InputError", "OutputError", "ResumeError", "TympanError"]
 
 
 class TympanError(Exception):
     """Base of every error tympan raises deliberately; the message is one line."""
+
+
+class CheckpointError(TympanError, RuntimeError):
+    """A checkpoint cannot be read or does not fit the model (re-exported by :mod:`tympan.checkpoints`)."""
 
 
 class ConfigError(TympanError, ValueError):

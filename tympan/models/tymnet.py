@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tympan.errors import CheckpointError
 from tympan.models.protocol import AudioModel, Embeddings, State, in_groups
 from tympan.models.registry import ModelEntry, Weights, register_model
 
@@ -255,29 +256,20 @@ register_model(
 
 
 # ------------------------------------------------------------------------------------------ shipped weights
-class ChecksumError(ValueError):
-    """A weights file whose SHA-256 differs from the one its sidecar records."""
+class ChecksumError(CheckpointError):
+    """A weights file whose SHA-256 differs from the one expected for it."""
 
 
 def load_shipped(weights: str | Path | None = None, sha256: str | None = None, **overrides: Any) -> TymNet:
-    """The shipped default model from package data, offline; the file's SHA-256 is checked before its tensors are
-    read (against `sha256`, by default the registered :data:`SHIPPED_SHA256`), so a changed file raises
-    :class:`ChecksumError`. The sidecar ``<weights>.json`` (tympan's format) gives the config."""
-    import hashlib
-    import json
-
-    from safetensors.torch import load_file
+    """The shipped default model (or another tymnet-s safetensors file), its SHA-256 checked before its tensors are
+    read (against `sha256`, by default the registered :data:`SHIPPED_SHA256`); a changed file raises
+    :class:`ChecksumError`. Loading itself is :func:`tympan.load`'s (validated sidecar, strict keys, labels)."""
+    from tympan.checkpoints import load, sha256sum
 
     path = Path(weights) if weights is not None else WEIGHTS_FILE
     expected = sha256 if sha256 is not None else SHIPPED_SHA256
     if expected is None:
         raise ChecksumError(f"{path}: no SHA-256 to check it against (the default model is not shipped yet)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected:
+    if (digest := sha256sum(path)) != expected:
         raise ChecksumError(f"{path}: SHA-256 {digest} does not match the expected {expected}")
-    sidecar = json.loads(path.with_suffix(".json").read_text())
-    from tympan.models.registry import create_model
-
-    model = create_model("tymnet-s", **{**sidecar.get("config", {}), **overrides})
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    return load(path, **overrides)
