@@ -317,3 +317,18 @@ def test_features_write_frames_by_bins_for_every_frontend(tmp_path, frontend, bi
     assert feats.ndim == 2 and feats.shape[1] == bins and 48 <= feats.shape[0] <= 52
     assert main(["features", str(clip), "--frontend", frontend, "--bins", "40", "-o", str(tmp_path / "b")]) == 0
     assert np.load(tmp_path / "b" / "x.npy").shape[1] == 40
+
+
+def test_embed_exits_1_when_it_skipped_a_file(data_dir, tmp_path, capsys):
+    """The exit rule for every command: a bad file is reported and skipped, the rest embedded, exit 1 (was 0)."""
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really audio")
+    clips = sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[:2]
+    datafile = tmp_path / "mixed.json"
+    datafile.write_text(json.dumps({"data": [{"wav": str(p), "labels": "x"} for p in [*clips, broken]]}))
+    out = tmp_path / "emb.safetensors"
+    tiny = ["--set", "embed_dim=32", "--set", "depth=1", "--set", "num_heads=2"]
+    assert main(["embed", str(datafile), "--model", "dasheng-base", *tiny, "--random", "-o", str(out),
+                 "--clip-seconds", "1", "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "2 clips x" in printed and "skipped" in printed and "broken.wav" in printed

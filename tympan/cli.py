@@ -687,13 +687,13 @@ def _run_embed(args: argparse.Namespace) -> int:
         return _run_embed_onnx(args)
     checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
     try:
-        embed_main(args.model, args.datafile, args.output, checkpoint=checkpoint, pooling=args.pooling,
+        result = embed_main(args.model, args.datafile, args.output, checkpoint=checkpoint, pooling=args.pooling,
                    clip_seconds=args.clip_seconds, batch_size=args.batch_size, save_every=args.save_every,
                    device=args.device, overrides=_parse_overrides(args.set), progress=not args.quiet,
                    pretrained=not args.random, precision=args.precision)  # fmt: skip
     except ValueError as err:  # e.g. no clip could be embedded
         raise UserError(str(err)) from None
-    return 0
+    return 1 if result.skipped else 0  # the exit rule: 1 when some inputs were skipped
 
 
 def _add_niah(sub: argparse._SubParsersAction) -> None:
@@ -936,7 +936,7 @@ def _onnx_runner(args: argparse.Namespace):
 
 
 def _run_embed_onnx(args: argparse.Namespace) -> int:
-    from tympan.eval.embed import embed_datafile
+    from tympan.eval.embed import embed_datafile, report
 
     if args.pooling != "scene":
         raise UserError("--backend onnx gives the scene embedding only (--pooling scene)")
@@ -948,11 +948,8 @@ def _run_embed_onnx(args: argparse.Namespace) -> int:
     result = embed_datafile(runner, args.datafile, args.output, pooling="scene", clip_seconds=args.clip_seconds,
                             batch_size=args.batch_size, save_every=args.save_every, checkpoint=checkpoint,
                             progress=not args.quiet)
-    print(f"{result.path}: {result.rows} clips x {result.dim} (scene, {runner.model_id}, onnx)"
-          + (f", {result.reused} reused from a previous run" if result.reused else ""))
-    for path, reason in result.skipped:
-        print(f"skipped {path}: {reason}")
-    return 0
+    report(result, f"scene, {runner.model_id}, onnx")
+    return 1 if result.skipped else 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -31,8 +31,7 @@ from tympan.hear import SAMPLE_RATE, HearModel
 POOLINGS = ("scene", "mean", "max", "meanmax")
 PARTIAL_SUFFIX = ".partial.safetensors"
 
-__all__ = ["EmbedResult", "POOLINGS", "add_embed_arguments", "embed_datafile", "embed_main", "pool_embeddings",
-           "run_embed"]  # fmt: skip
+__all__ = ["EmbedResult", "POOLINGS", "embed_datafile", "embed_main", "pool_embeddings", "report"]
 
 
 @dataclass
@@ -210,6 +209,14 @@ def embed_datafile(
     return EmbedResult(output, len(kept), embeddings.shape[1], sorted(failed.items()), reused)
 
 
+def report(result: EmbedResult, what: str) -> None:
+    """The one-line summary of an embedding run (``what``: pooling and model) and one line per skipped file."""
+    print(f"{result.path}: {result.rows} clips x {result.dim} ({what})"
+          + (f", {result.reused} reused from a previous run" if result.reused else ""))
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}")
+
+
 def embed_main(
     model_id: str | None,
     datafile: str | os.PathLike,
@@ -242,10 +249,7 @@ def embed_main(
         clip_seconds = (getattr(model.model, "tympan_extra", None) or {}).get("clip_seconds")
     result = embed_datafile(model, datafile, output, pooling=pooling, clip_seconds=clip_seconds,
                             batch_size=batch_size, save_every=save_every, checkpoint=checkpoint, progress=progress)  # fmt: skip
-    print(f"{result.path}: {result.rows} clips x {result.dim} ({pooling}, {model_id})"
-          + (f", {result.reused} reused from a previous run" if result.reused else ""))  # fmt: skip
-    for path, reason in result.skipped:
-        print(f"skipped {path}: {reason}")
+    report(result, f"{pooling}, {model_id}")
     return result
 
 
