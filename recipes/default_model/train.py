@@ -27,6 +27,7 @@ import yaml
 
 from tympan.data import corpus as C
 from tympan.models import create_model
+from tympan.train.checkpointing import atomic_save
 from tympan.train.objectives import scores_embedding_loss
 
 
@@ -148,11 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = torch.from_numpy(C.group_weights(train["group"].astype(np.int64), cfg["group_power"]))
     log(f"train {len(patches)} patches, held-out {len(heldout['patches'])}; step {step}/{cfg['steps']}")
 
-    def save() -> None:
-        tmp = out / "last.pt.tmp"
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(), "step": step,
-                    "seconds": trained_seconds}, tmp)  # fmt: skip
-        tmp.replace(last)
+    def save() -> None:  # fsync + rename, ordinary file mode, a full disk is one line (the trainer's own writer)
+        atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(), "step": step,
+                     "seconds": trained_seconds}, last)  # fmt: skip
 
     model.train()
     started, last_save, window = time.perf_counter(), time.perf_counter(), []
