@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -272,6 +273,42 @@ def test_noise_gain_and_roll(data_dir, fsdd_small):
         for i in range(3)
     ])
     assert ((added >= -1e-6) & (added < 0.1)).all()
+
+
+
+def test_log_mel_mix_matches_waveform_mixing(data_dir):
+    """Gain is exact in the log-mel domain; mixing adds magnitudes, close to the log-mel of the mixed waveform."""
+    from tympan.data.augment import LogMelMix, mix_log_mel
+    from tympan.models.tymnet import YAMNetLogMel
+
+    frontend = YAMNetLogMel()
+    dog = torch.from_numpy(audio.load(data_dir / "esc10" / "audio" / "1-116765-A-41.flac"))[:32000]  # chainsaw
+    rain = torch.from_numpy(audio.load(data_dir / "esc10" / "audio" / "1-17367-A-10.flac"))[:32000]
+    a, b = frontend(dog), frontend(rain)
+    assert (a > math.log(1e-3) + 1).float().mean() > 0.5 and (b > math.log(1e-3) + 1).float().mean() > 0.5
+    gained = mix_log_mel(a, gain_db=torch.tensor([-12.0]))
+    assert torch.allclose(gained, frontend(dog * 10 ** (-12 / 20)), atol=1e-4)
+    # SNR is measured on mel magnitudes: scale rain so that the ratio is 0 dB, mix the waveforms the same way
+    mel_a, mel_b = (a.exp() - 1e-3).clamp_min(0), (b.exp() - 1e-3).clamp_min(0)
+    scale = float((mel_a.square().mean() / mel_b.square().mean()).sqrt())
+    mixed = mix_log_mel(a, b, snr_db=torch.tensor([0.0]))
+    truth = frontend(dog + scale * rain)
+    error = (mixed - truth).abs().mean()
+    assert error < 0.15, error  # phase is unknown: powers add on average
+    assert abs(float((mixed - truth).mean())) < 0.06  # nearly unbiased (adding magnitudes: +0.2)
+    assert error < 0.3 * min((a - truth).abs().mean(), (b - truth).abs().mean())
+    # no mixing at +inf SNR, tilt spans -t/2..+t/2 dB over the bands
+    assert torch.allclose(mix_log_mel(a, b, snr_db=torch.tensor([float("inf")])), a, atol=1e-5)
+    tilted = mix_log_mel(a, tilt_db=torch.tensor([6.0]))
+    loud = a > 0  # far above the floor, log differences are the gains
+    assert torch.allclose((tilted - a)[..., 0][loud[..., 0]], torch.tensor(-3 / 20 * math.log(10)), atol=1e-3)
+    # the drawn parameters come from the generator: same seed, same batch
+    batch, partner = torch.cat([a, b]), torch.cat([b, a])
+    first = LogMelMix(mix_prob=0.5)(batch, partner, torch.Generator().manual_seed(3))
+    assert torch.equal(first, LogMelMix(mix_prob=0.5)(batch, partner, torch.Generator().manual_seed(3)))
+    assert first.shape == batch.shape and torch.isfinite(first).all() and (first >= math.log(1e-3) - 1e-6).all()
+    with pytest.raises(ValueError, match="mix_prob"):
+        LogMelMix(mix_prob=1.5)
 
 
 # -------------------------------------------------------------------------------------------- sampling

@@ -180,9 +180,11 @@ def _train_script():
     return module
 
 
-def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher):
+@pytest.mark.parametrize("online", [False, True], ids=["stored-labels", "online-teacher"])
+def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher, shared_dir, online):
     """The recipe's trainer on real teacher targets (a dog clip and its reversed copy): 8 steps in one go equal
-    4 steps, a stop, and a resume; the exported weights load through the SHA-256-checked loader."""
+    4 steps, a stop, and a resume; the exported weights load through the SHA-256-checked loader. With the online
+    teacher (function matching) the batches are mixed patches that the teacher labels as the student sees them."""
     from tympan.data import corpus as C
 
     parts = [C.label_waveform(w, yamnet_teacher, 10) for w in (dog, dog[::-1].copy())]
@@ -195,7 +197,21 @@ def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher):
     common = [str(recipe), "--set", f"corpus.shards={tmp_path / 'shards'}", "--set", "train.steps=8", "--set",
               "train.batch_size=4", "--set", "train.warmup_steps=2", "--set", "train.eval_every=4", "--set",
               "model.overrides={channels: [8, 8, 16, 16, 16, 16, 16], strides: [2, 1, 2, 1, 2, 1]}"]  # fmt: skip
+    if online:
+        teacher = shared_dir / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip"
+        common += ["--set", f"corpus.teacher={teacher}", "--set", "train.online_teacher={mix_prob: 1.0}"]
     train = _train_script()
+    if online:
+        data = C.load_shards(tmp_path / "shards", "train")
+        batches = train.Batches(data, torch.ones(20, dtype=torch.float64), 0, 6, {"mix_prob": 1.0}, str(teacher))
+        x, scores, embeddings = batches.get(3)
+        assert torch.equal(batches.get(4)[0], batches(4)[0])  # the prefetched batch is the batch of that step
+        stored = torch.from_numpy(data["patches"]).float()
+        changed = [bool((stored - row).abs().amax((1, 2)).min() > 0.1) for row in x]
+        assert sum(changed) >= len(x) // 2, changed  # mixed, scaled, tilted (a silent pair stays silent)
+        expected_scores, expected_embeddings = yamnet_teacher.run(x[:, None].numpy())
+        np.testing.assert_allclose(scores.numpy(), expected_scores, atol=1e-6)
+        np.testing.assert_allclose(embeddings.numpy(), expected_embeddings, atol=1e-5)
     assert train.main([*common, "--set", f"train.out={tmp_path / 'a'}"]) == 0
     assert train.main([*common, "--set", f"train.out={tmp_path / 'b'}", "--stop-at", "4"]) == 0
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 4

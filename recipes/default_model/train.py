@@ -8,6 +8,13 @@ group-balanced. Everything is determined by (seed, step): batch ``s`` is drawn w
 ``seed`` and ``s``, so a run resumed from ``last.pt`` continues bit-exactly. Checkpoints every few minutes; held-out
 agreement with the teacher (files never trained on) is logged to ``metrics.jsonl``. ``--export`` writes the EMA
 weights as safetensors with a sidecar.
+
+Function matching (``train.online_teacher``): instead of the stored labels, each patch is augmented in the log-mel
+domain (mixed with a second drawn patch, gain, spectral tilt: :class:`tympan.data.augment.LogMelMix`) and the
+teacher (YAMNet ONNX, ``corpus.teacher``) labels it exactly as the student sees it, so the corpus yields new
+targets at every step instead of being memorised. The batch for step ``s + 1`` (draws and teacher) is prepared in
+a background thread while step ``s`` trains; it depends on ``(seed, s + 1)`` only, so resuming stays bit-exact.
+``train.init`` warm-starts the model (and its EMA) from a safetensors file, e.g. an earlier export.
 """
 
 from __future__ import annotations
@@ -66,6 +73,48 @@ def batch_indices(weights: torch.Tensor, step: int, seed: int, size: int) -> tor
     return torch.multinomial(weights, size, replacement=True, generator=generator)
 
 
+class Batches:
+    """Batch ``step`` of the run as (student input ``[B, 96, 64]`` float32, teacher scores, teacher embeddings):
+    stored patches and labels, or with ``online`` (``train.online_teacher``) augmented patches labelled by the
+    teacher on the spot. A pure function of ``(seed, step)``; :meth:`prefetch` computes the next one in a thread."""
+
+    def __init__(self, train: dict[str, np.ndarray], weights: torch.Tensor, seed: int, size: int,
+                 online: dict[str, Any] | None, teacher_path: str | None) -> None:  # fmt: skip
+        self.patches = torch.from_numpy(train["patches"])  # float16 [N, 96, 64]
+        self.scores = torch.from_numpy(train["scores"])
+        self.embeddings = torch.from_numpy(train["embeddings"])
+        self.weights, self.seed, self.size = weights, seed, size
+        self.mix = self.teacher = None
+        if online:
+            from tympan.data.augment import LogMelMix
+            from tympan.teachers.yamnet import YAMNet
+
+            self.mix = LogMelMix(online.get("mix_prob", 0.5), tuple(online.get("snr_db", (-5.0, 15.0))),
+                                 tuple(online.get("gain_db", (-20.0, 6.0))), online.get("tilt_db", 6.0))  # fmt: skip
+            self.teacher = YAMNet(teacher_path, num_threads=online.get("threads", 1), batch_size=self.size)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool, self._pending = ThreadPoolExecutor(max_workers=1), None
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = batch_indices(self.weights, step, self.seed, self.size)
+        x = self.patches[index].float()
+        if self.teacher is None:
+            return x, self.scores[index], self.embeddings[index]
+        generator = torch.Generator().manual_seed((self.seed + 1) * 2_000_029 + step)
+        partner = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        x = self.mix(x, self.patches[partner].float(), generator)
+        scores, embeddings = self.teacher.run(x[:, None].numpy())
+        return x, torch.from_numpy(scores), torch.from_numpy(embeddings)
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``step`` (the prefetched one when it is), and start preparing ``step + 1``."""
+        pending, self._pending = self._pending, None
+        batch = pending[1].result() if pending is not None and pending[0] == step else self(step)
+        self._pending = (step + 1, self._pool.submit(self, step + 1))
+        return batch
+
+
 @torch.no_grad()
 def agreement(model: torch.nn.Module, data: dict[str, np.ndarray]) -> dict[str, float]:
     """Held-out agreement with the teacher (:func:`tympan.data.corpus.teacher_agreement`) plus the patch cosine
@@ -121,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(cfg["seed"])
     model = create_model(recipe["model"]["id"], **recipe["model"].get("overrides", {}))
+    if cfg.get("init"):  # warm start (a resumed run's last.pt below takes precedence)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(cfg["init"]))
+        log(f"initialised from {cfg['init']}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -143,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
     train = C.load_shards(shards, "train")
     heldout = C.load_shards(shards, "heldout")
-    patches = torch.from_numpy(train["patches"])  # float16 [N, 96, 64]
-    scores = torch.from_numpy(train["scores"])
-    embeddings = torch.from_numpy(train["embeddings"])
     weights = torch.from_numpy(C.group_weights(train["group"].astype(np.int64), cfg["group_power"]))
-    log(f"train {len(patches)} patches, held-out {len(heldout['patches'])}; step {step}/{cfg['steps']}")
+    batches = Batches(train, weights, cfg["seed"], cfg["batch_size"], cfg.get("online_teacher"),
+                      recipe["corpus"]["teacher"])  # fmt: skip
+    log(f"train {len(train['patches'])} patches, held-out {len(heldout['patches'])}; step {step}/{cfg['steps']}"
+        + (" (online teacher)" if batches.teacher is not None else ""))
 
     def save() -> None:  # fsync + rename, ordinary file mode, a full disk is one line (the trainer's own writer)
         atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(), "step": step,
@@ -158,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = (out / "metrics.jsonl").open("a")
     while step < cfg["steps"]:
         t0 = time.perf_counter()
-        index = batch_indices(weights, step, cfg["seed"], cfg["batch_size"])
+        x, scores, embeddings = batches.get(step)
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg)
-        logits, _, projected = model.patch_outputs(patches[index].float())
-        loss, logs = scores_embedding_loss(logits, projected, scores[index], embeddings[index], cfg["embed_weight"])
+        logits, _, projected = model.patch_outputs(x)
+        loss, logs = scores_embedding_loss(logits, projected, scores, embeddings, cfg["embed_weight"])
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()

@@ -16,6 +16,9 @@ one rank whenever the per-rank batch is even.
 - :class:`AddNoise`: noise (white or a recording, e.g. babble) at an SNR in dB.
 - :class:`NoiseRoll`: AST's ``noise=True`` feature augmentation (uniform noise, then a time roll in [-10, 9]).
 - :class:`RandomGain`, :class:`TimeRoll`; :class:`Compose` chains augmentations.
+- :class:`LogMelMix` (with :func:`mix_log_mel`): mixing, gain and spectral tilt applied to ``log(mel + floor)``
+  features as if to the waveforms (powers add, as they do on average for sources of unrelated phase). The default model's trainer uses it for
+  function matching: the teacher labels each augmented patch exactly as the student sees it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "AddNoise",
     "Augmentation",
     "Compose",
+    "LogMelMix",
     "Mixup",
     "NoiseRoll",
     "RandomGain",
@@ -40,6 +44,7 @@ __all__ = [
     "length_mask",
     "mask_along_axis",
     "mix_batch",
+    "mix_log_mel",
     "roll_along",
     "sample_beta",
     "sample_gamma",
@@ -386,3 +391,58 @@ class Compose(Augmentation):
         for augmentation in self.augmentations:
             x = augmentation(x, generator=generator)
         return x
+
+
+# ------------------------------------------------------------------------------------ log-mel domain
+def mix_log_mel(x: Tensor, partner: Tensor | None = None, snr_db: Tensor | None = None, gain_db: Tensor | None = None,
+                tilt_db: Tensor | None = None, floor: float = 1e-3) -> Tensor:  # fmt: skip
+    """Mix, scale and tilt log-mel features ``x = log(mel + floor)`` ``[B, ..., F]`` in the magnitude domain.
+
+    ``mel = max(exp(x) - floor, 0)``; the partner's magnitudes are scaled so that the energy ratio of the two is
+    ``snr_db`` per row (rows with ``snr_db = +inf`` or no partner are not mixed) and combined as
+    ``sqrt(mel^2 + (s mel_partner)^2)``: exact where the sources do not overlap in time-frequency, the expected
+    power where they do (phase is not known; adding magnitudes instead overestimates by ~0.2 in log on real
+    mixtures, this by ~0.03). The result is scaled by ``gain_db`` (exact) and by a linear tilt across the F bands
+    from ``-tilt_db / 2`` (lowest band) to ``+tilt_db / 2`` dB (highest), then ``log(mel' + floor)``. Per-row
+    parameters are ``[B]`` tensors.
+    """
+    mel = (x.float().exp() - floor).clamp_min(0.0)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if partner is not None and snr_db is not None:
+        other = (partner.float().exp() - floor).clamp_min(0.0)
+        dims = tuple(range(1, x.ndim))
+        power, other_power = mel.square().mean(dims), other.square().mean(dims).clamp_min(1e-20)
+        scale = torch.sqrt(power.clamp_min(1e-20) / other_power * 10.0 ** (-snr_db.float() / 10.0))
+        scale = torch.where(torch.isfinite(snr_db), scale, torch.zeros_like(scale))
+        mel = torch.sqrt(mel.square() + (scale.view(shape) * other).square())
+    if gain_db is not None:
+        mel = mel * (10.0 ** (gain_db.float() / 20.0)).view(shape)
+    if tilt_db is not None:
+        ramp = torch.linspace(-0.5, 0.5, x.shape[-1], device=x.device)
+        mel = mel * 10.0 ** (tilt_db.float().view(shape) * ramp / 20.0)
+    return torch.log(mel + floor)
+
+
+class LogMelMix(Augmentation):
+    """Draws :func:`mix_log_mel`'s parameters per row: with probability `mix_prob` a partner (given by the caller)
+    at an SNR uniform in `snr_db`, a gain uniform in `gain_db` and a tilt uniform in ``[-tilt_db, tilt_db]``."""
+
+    def __init__(self, mix_prob: float = 0.5, snr_db: tuple[float, float] = (-5.0, 15.0),
+                 gain_db: tuple[float, float] = (-20.0, 6.0), tilt_db: float = 6.0, floor: float = 1e-3,
+                 seed: int | None = None) -> None:  # fmt: skip
+        super().__init__(seed)
+        if not 0 <= mix_prob <= 1 or snr_db[0] > snr_db[1] or gain_db[0] > gain_db[1] or tilt_db < 0:
+            raise ValueError(f"need 0 <= mix_prob <= 1, ordered snr_db / gain_db ranges and tilt_db >= 0, got "
+                             f"{mix_prob!r}, {snr_db!r}, {gain_db!r}, {tilt_db!r}")  # fmt: skip
+        self.mix_prob, self.snr_db, self.gain_db = float(mix_prob), tuple(snr_db), tuple(gain_db)
+        self.tilt_db, self.floor = float(tilt_db), float(floor)
+
+    def __call__(self, x: Tensor, partner: Tensor, generator: Randomness = None) -> Tensor:
+        generator = self._generator(generator)
+        batch, device = x.shape[0], x.device
+        draw = _rand((batch, 4), generator, device)
+        snr = self.snr_db[0] + (self.snr_db[1] - self.snr_db[0]) * draw[:, 0]
+        snr = torch.where(draw[:, 1] < self.mix_prob, snr, torch.full_like(snr, math.inf))
+        gain = self.gain_db[0] + (self.gain_db[1] - self.gain_db[0]) * draw[:, 2]
+        tilt = self.tilt_db * (2 * draw[:, 3] - 1)
+        return mix_log_mel(x, partner, snr, gain, tilt, self.floor)
