@@ -5,7 +5,8 @@
 model on each chunk as soon as it is complete:
 
 * streaming models (``model.streaming``: SAT, TymNet) carry their state through the protocol's ``init_state`` /
-  ``step``, one model step of exactly ``model.chunk_samples`` at a time (SAT starts from the original's "silence"
+  ``steps``, in model steps of exactly ``model.chunk_samples``; all the steps one push completes run in one call
+  (a batch for TymNet), so a file is tagged in blocks, not step by step (SAT starts from the original's "silence"
   memory). The reported chunks are independent of the step size: a chunk's output is the mean of the probabilities
   of the steps that end inside it, and samples left over at a chunk's end are carried into the next step, so no
   audio is skipped (``--chunk 3`` on SAT-2s runs 1.92 s steps back to back). A chunk must hold at least one step;
@@ -146,21 +147,37 @@ class Streamer:
 
     @torch.no_grad()
     def _push_steps(self, audio: Tensor) -> list[ChunkResult]:
-        """Streaming models: whole model steps as the samples arrive; a chunk is reported when it is full."""
-        results = []
+        """Streaming models: the samples are cut into whole model steps; every step this push completes runs in one
+        ``model.steps`` call (one batch where the family vectorises it), then each chunk that filled up reports the
+        mean of the steps that ended inside it."""
+        completed: list[Tensor] = []
+        reports: list[tuple[int, int]] = []  # (steps completed before the report, samples in the chunk)
+        filled = self._chunk_filled
         while audio.shape[1]:
-            take = min(self.chunk_samples - self._chunk_filled, self.step_samples - self._step_samples, audio.shape[1])
+            take = min(self.chunk_samples - filled, self.step_samples - self._step_samples, audio.shape[1])
             self._step.append(audio[:, :take])
             self._step_samples += take
-            self._chunk_filled += take
+            filled += take
             audio = audio[:, take:]
             if self._step_samples == self.step_samples:
-                step = torch.cat(self._step, dim=1)
+                completed.append(torch.cat(self._step, dim=1))
                 self._step, self._step_samples = [], 0
-                logits, self.state = self.model.step(step.to(self._device()), self.state)
-                self._chunk_probs.append(self.model.probabilities(logits).float().cpu())
-            if self._chunk_filled == self.chunk_samples:
-                results.append(self._report(partial=False))
+            if filled == self.chunk_samples:
+                reports.append((len(completed), filled))
+                filled = 0
+        probs: list[Tensor] = []
+        if completed:
+            logits, self.state = self.model.steps(torch.cat(completed, dim=1).to(self._device()), self.state)
+            # step by step: an activation's SIMD tail must not depend on how many steps a push completed
+            probs = [self.model.probabilities(logits[:, j].contiguous()).float().cpu() for j in range(len(completed))]
+        results, used = [], 0
+        for steps_before, chunk_filled in reports:
+            self._chunk_probs.extend(probs[used:steps_before])
+            used = steps_before
+            self._chunk_filled = chunk_filled
+            results.append(self._report(partial=False))
+        self._chunk_probs.extend(probs[used:])
+        self._chunk_filled = filled
         return results
 
     def _report(self, partial: bool) -> ChunkResult:

@@ -20,6 +20,9 @@ interface and icefall's explicit streaming state:
 * streaming models (``model.streaming``): ``init_state(batch)`` and ``step(chunk, state) -> (logits, state)`` on
   waveform chunks of ``chunk_samples``; the state is a tuple of tensors, so it exports and crosses processes.
   ``init_state(batch, warm=False)`` gives an empty state (tensors with no memory entries).
+  ``steps(block, state) -> (logits [B, k, C], state)`` runs ``k`` consecutive steps of a block of ``k`` chunks
+  (what the Streamer calls on a file or a microphone buffer); by default a loop over ``step``, vectorised by
+  families whose steps can run as one batch (TymNet: the state is only past samples).
 * ``model.block_types`` (the repeated layers FSDP shards and layer-wise lr decay counts) and ``model.classifier``
   (name of the head submodule, ``None`` for encoders): declared by the registry entry, class defaults otherwise.
 
@@ -113,6 +116,20 @@ class AudioModel(nn.Module):
     def step(self, chunk: Tensor, state: State) -> tuple[Tensor, State]:
         """One waveform chunk ``[B, chunk_samples]`` and the state before it -> logits ``[B, C]`` and the new state."""
         raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def steps(self, block: Tensor, state: State) -> tuple[Tensor, State]:
+        """``k`` consecutive steps: ``[B, k * chunk_samples]`` -> logits ``[B, k, C]`` and the state after them.
+
+        Equal to calling :meth:`step` on each chunk in turn (which this default does); a family overrides it when
+        its steps can run as one batch."""
+        size = int(self.chunk_samples or 0)
+        if not size or block.shape[-1] % size:
+            raise ValueError(f"steps takes a whole number of {size}-sample chunks, got {block.shape[-1]} samples")
+        logits = []
+        for chunk in block.split(size, dim=-1):
+            out, state = self.step(chunk, state)
+            logits.append(out)
+        return torch.stack(logits, 1), state
 
     # ------------------------------------------------------------------------------------------ derived
     def probabilities(self, logits: Tensor) -> Tensor:
