@@ -6,7 +6,7 @@ config and random weights. Run ``python benchmarks/bench_transformers.py [--mode
 it prints a table and one JSON line per comparison, each with the model's FLOP/s as a share of the fp32 matmul
 peak measured at the start of the same run (``benchmarks/peak.py``). Goals: AST at least as fast as transformers'
 in fp32 (ratio >= 1; the reduced-precision modes are in ``bench_precision.py``), SAT-T streaming at least 400x
-faster than real time in fp32.
+faster than real time in fp32 (per-step figures against the previous step: ``bench_sat_stream.py``).
 
 The AST reference is Hugging Face ``transformers.ASTForAudioClassification`` (install it without touching
 torch: ``pip install --no-deps transformers`` plus tokenizers, huggingface_hub, safetensors, regex,

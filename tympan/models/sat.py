@@ -21,6 +21,10 @@ memory by fewer than ``cache_size`` tokens), except that it returns logits (the 
 :meth:`probabilities`; several pieces combine as :func:`~tympan.models.audiotransformer.combine_piece_logits`).
 :class:`tympan.inference.Streamer` fixes the streaming-level bugs.
 
+Inference (no autograd, eval, not traced) runs :meth:`SAT.stream_features`: the same numbers with the chunk's
+products on prepacked weights (:mod:`tympan.ops.small_gemm`) and the memory keys/values of blocks 1.. taken from
+the previous step (:class:`KVMemo`); training, tracing and export run the block modules (:meth:`SAT.reference_features`).
+
 Protocol: ``streaming = True``; the state is ``(cache,)``; :meth:`SAT.init_state` is the original's silence memory
 (``warm=True``) or an empty one, :meth:`SAT.step` runs one waveform chunk (each stream's own spectrogram, as
 ``inference.py`` computes it per file). ``embed`` streams the clip through the same steps.
@@ -33,8 +37,11 @@ model (the converter then cuts ``time_pos_embed`` as the original ``load_state_d
 
 from __future__ import annotations
 
+import weakref
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from tympan.models.audiotransformer import (
     AudioTransformer,
@@ -45,9 +52,47 @@ from tympan.models.audiotransformer import (
 from tympan.models.layers import Block
 from tympan.models.protocol import Embeddings, State, weighted_mean
 from tympan.models.registry import ModelEntry, Weights, register_model
+from tympan.ops import small_gemm
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
+FAST_STEP = True  # inference through SAT.stream_features; False: the block modules (SAT.reference_features)
+
+
+class KVMemo:
+    """The K/V memo of :meth:`SAT.stream_features`: the memory keys/values of blocks 1.. for the cache the last
+    inference step returned (those blocks' memory is that step's block inputs, whose keys/values it computed).
+
+    One slot held by the model with a private copy of that cache: a later step whose cache equals it (the state the
+    step returned, or a copy of it) under unchanged weights reuses the keys/values; any other cache (another
+    stream's, an edited one) or changed weights miss and recompute them. Never part of the state (its format is
+    unchanged), never copied or pickled with the model.
+    """
+
+    def __init__(self) -> None:
+        self._slot: tuple[Tensor, tuple[int, ...], list[Tensor]] | None = None
+
+    def lookup(self, cache: Tensor | None, key: tuple[int, ...] | None) -> list[Tensor] | None:
+        """The stored keys/values when ``cache`` equals the stored cache and the weights have ``key``."""
+        if cache is None or key is None or self._slot is None:
+            return None
+        stored, stored_key, values = self._slot
+        if stored_key != key or stored.shape != cache.shape or stored.dtype != cache.dtype:
+            return None
+        return values if torch.equal(stored, cache) else None
+
+    def store(self, cache: Tensor, key: tuple[int, ...] | None, values: list[Tensor]) -> None:
+        """Remember ``values`` (one ``[B, M, 2D]`` tensor per block 1..) for a copy of ``cache``."""
+        self._slot = None if key is None else (cache.clone(), key, values)
+
+    def clear(self) -> None:
+        self._slot = None
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (KVMemo, ())
+
+    def __deepcopy__(self, memo: dict) -> KVMemo:
+        return KVMemo()
 
 
 class SAT(SpectrogramTransformer):
@@ -72,6 +117,7 @@ class SAT(SpectrogramTransformer):
         self.eval_avg = eval_avg
         self.streaming = True
         self.window_samples = self.chunk_samples
+        self._kv_memo = KVMemo()
 
     @property
     def chunk_samples(self) -> int:
@@ -87,14 +133,31 @@ class SAT(SpectrogramTransformer):
         return grid.flatten(2).transpose(1, 2)
 
     def forward_features(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One chunk (normalised ``[B, n_mels, T <= target_length]``) with memory -> (tokens, new cache)."""
-        tokens = self.add_positions(self.patchify(spec))
+        """One chunk (normalised ``[B, n_mels, T <= target_length]``) with memory -> (tokens, new cache).
+
+        Inference (no autograd, eval mode, not being traced) takes :meth:`stream_features`, the fused path; training,
+        tracing and export take :meth:`reference_features`, the block modules as written. Both give the same numbers.
+        """
+        if self._fast_path_ok():
+            return self.stream_features(spec, cache)
+        return self.reference_features(spec, cache)
+
+    def _fast_path_ok(self) -> bool:
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        return FAST_STEP and not (self.training or torch.is_grad_enabled() or tracing)
+
+    def _check_cache(self, cache: Tensor | None, batch: int) -> Tensor | None:
+        """``cache`` validated against the model and batch; ``None`` for no memory (or an empty one)."""
         if cache is not None and cache.shape[2] == 0:
-            cache = None
-        if cache is not None and (cache.ndim != 4 or cache.shape[0] != len(self.blocks) or cache.shape[1] != tokens.shape[0]):
-            raise ValueError(
-                f"cache must be [depth={len(self.blocks)}, B={tokens.shape[0]}, M, D], got {tuple(cache.shape)}"
-            )
+            return None
+        if cache is not None and (cache.ndim != 4 or cache.shape[0] != len(self.blocks) or cache.shape[1] != batch):
+            raise ValueError(f"cache must be [depth={len(self.blocks)}, B={batch}, M, D], got {tuple(cache.shape)}")
+        return cache
+
+    def reference_features(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_features` through the block modules, one op at a time (autograd, tracing, export)."""
+        tokens = self.add_positions(self.patchify(spec))
+        cache = self._check_cache(cache, tokens.shape[0])
         if cache is not None:  # layer-0 memory re-positioned; the original keeps this version in the concat below
             cache = torch.cat([(cache[0] + self.memory_positions(cache.shape[2]))[None], cache[1:]])
         inputs = []
@@ -105,6 +168,90 @@ class SAT(SpectrogramTransformer):
         if cache is not None:
             new_cache = torch.cat([cache, new_cache], dim=2)
         return self.norm(tokens), new_cache[:, :, -self.cache_size:].detach()
+
+    def embed_chunk(self, spec: Tensor) -> Tensor:
+        """``add_positions(patchify(spec))`` as one matmul: the stride-equals-kernel convolution is a product of the
+        flattened patches with the flattened kernel, the tokens come out in ``(f t)`` order directly."""
+        batch, bins, frames = spec.shape
+        (ph, pw), rows = self.patch_size, self.freq_patches
+        t = frames // pw
+        if frames < self.min_frames or t > self.time_patches:
+            return self.add_positions(self.patchify(spec))  # the checked path raises the usual errors
+        patches = spec[..., : t * pw].reshape(batch, rows, ph, t, pw).permute(0, 1, 3, 2, 4).reshape(batch, rows * t, ph * pw)
+        proj = self.patch_embed.proj
+        positions = (self.time_pos_embed[..., :t] + self.freq_pos_embed).flatten(2).transpose(1, 2)
+        tokens = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias) + positions
+        if self.pooling == "token":
+            cls = (self.cls_token + self.token_pos_embed).expand(batch, -1, -1)
+            tokens = torch.cat([cls, tokens], dim=1)
+        return tokens
+
+    def stream_features(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_features` for inference, with the per-step work cut to the matmuls and a few fused ops.
+
+        * the patch embedding is one matmul (:meth:`embed_chunk`);
+        * the chunk's products run on prepacked weights (:func:`tympan.ops.small_gemm.linear`: MKL repacks the weight
+          on every call, as costly as a 48-row product itself);
+        * each block runs one fused ``qkv`` product on the chunk; only the memory's keys/values come from the
+          memory, and for blocks 1.. they come from the K/V memo when ``cache`` is the tensor the previous step
+          returned (see :meth:`_memo_lookup`): those blocks' memory is that step's block inputs, whose keys and
+          values it has already computed;
+        * block inputs are written into one preallocated ``[depth + 1, B, N, D]`` buffer, whose first ``depth``
+          planes are the new cache for a full chunk (no stack or concatenation).
+        """
+        tokens = self.embed_chunk(spec)
+        batch, n, dim = tokens.shape
+        cache = self._check_cache(cache, batch)
+        depth, size = len(self.blocks), self.cache_size
+        m = 0 if cache is None else cache.shape[2]
+        memory0 = cache[0] + self.memory_positions(m) if cache is not None else None
+        key = self._memo_key()
+        memo = self._kv_memo.lookup(cache, key)
+        states = tokens.new_empty(depth + 1, batch, n, dim)
+        states[0] = tokens
+        new_memo: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x, attn, norm1 = states[i], block.attn, block.norm1
+            heads, head_dim = attn.num_heads, attn.head_dim
+            weight, bias = attn.qkv.weight, attn.qkv.bias  # read as before: the int8 mode's dequantised weight
+            h = F.layer_norm(x, (dim,), norm1.weight, norm1.bias, norm1.eps)
+            qkv = small_gemm.linear(attn.qkv, h) if type(attn.qkv) is nn.Linear else F.linear(h, weight, bias)
+            kv = qkv[..., dim:]
+            if cache is not None:
+                kv_memory = memo[i - 1] if memo is not None and i and memo[i - 1].dtype == kv.dtype else None
+                if kv_memory is None:
+                    memory = memory0 if i == 0 else cache[i]
+                    kv_memory = F.linear(
+                        F.layer_norm(memory, (dim,), norm1.weight, norm1.bias, norm1.eps),
+                        weight[dim:], None if bias is None else bias[dim:],
+                    )
+                kv = torch.cat([kv_memory, kv], dim=1)
+            if i:
+                new_memo.append(kv[:, -size:])
+            q = qkv[..., :dim].unflatten(-1, (heads, head_dim)).transpose(1, 2)
+            k, v = kv.unflatten(-1, (2, heads, head_dim)).permute(2, 0, 3, 1, 4)
+            mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, n, dim)
+            y = torch.add(x, small_gemm.linear(attn.proj, mixed), out=states[i + 1])
+            mlp = block.mlp
+            y += mlp.drop(small_gemm.linear(mlp.fc2, mlp.drop(mlp.act(small_gemm.linear(mlp.fc1, block.norm2(y))))))
+        if n >= size or cache is None:
+            new_cache = states[:depth, :, max(0, n - size):]
+        else:  # a short chunk keeps part of the (re-positioned) memory, as the original's concatenation does
+            new_cache = torch.cat([torch.cat([memory0[None], cache[1:]]), states[:depth]], dim=2)[:, :, -size:]
+        self._kv_memo.store(new_cache, key, new_memo)
+        return self.norm(states[depth]), new_cache
+
+    def _memo_key(self) -> tuple[int, ...] | None:
+        """Address and version of every tensor the memory keys/values of blocks 1.. depend on (``None`` when the
+        weights are inference tensors, which keep no version: no memo then)."""
+        key: list[int] = []
+        for block in self.blocks[1:]:
+            for module in (block.norm1, block.attn.qkv):
+                for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                    if tensor.is_inference():
+                        return None
+                    key += (tensor.data_ptr(), tensor._version)
+        return tuple(key)
 
     def step_spectrogram(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One streaming step on a normalised chunk: (logits ``[B, C]``, new cache)."""

@@ -1,0 +1,122 @@
+"""SAT's fused inference step (``SAT.stream_features``, the K/V memo, the packed-weight kernel) against the block
+modules (``SAT.reference_features``, the implementation before it) on real ESC-10 audio with the fixture SAT-T."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tympan
+from tympan import audio
+from tympan.models import sat as sat_module
+from tympan.ops import small_gemm
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def sat(shared_dir):
+    return tympan.load("sat-tiny-2s", checkpoint=shared_dir / "fixtures" / "sat-tiny-2s" / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def chunks(data_dir, sat) -> list[torch.Tensor]:
+    """Six consecutive full chunks from three ESC-10 clips end to end (11.5 s)."""
+    files = sorted((data_dir / "esc10" / "audio").glob("*.flac"))
+    wave = torch.cat([torch.from_numpy(audio.load(files[i])) for i in (0, 100, 200)])
+    step = sat.chunk_samples
+    return [wave[None, i * step:(i + 1) * step] for i in range(6)]
+
+
+def _stream(model, chunks, fast: bool, monkeypatch, state=None):
+    """Logits and states of each step carrying the state, through the fused (``fast``) or the reference path."""
+    monkeypatch.setattr(sat_module, "FAST_STEP", fast)
+    outputs = []
+    with torch.inference_mode():
+        state = model.init_state(chunks[0].shape[0]) if state is None else state
+        for chunk in chunks:
+            logits, state = model.step(chunk, state)
+            outputs.append((logits, state[0]))
+    return outputs
+
+
+def _assert_close(got, expected):
+    for (logits, state), (ref_logits, ref_state) in zip(got, expected, strict=True):
+        torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(state, ref_state, atol=ATOL, rtol=1e-5)
+
+
+def test_fused_steps_equal_reference_over_a_stream(sat, chunks, monkeypatch):
+    """Six steps carrying the state (the K/V memo is used from the second on) match the block modules."""
+    fused = _stream(sat, chunks, True, monkeypatch)
+    assert sat._kv_memo.lookup(fused[-1][1], sat._memo_key()) is not None  # the next step would reuse its K/V
+    _assert_close(fused, _stream(sat, chunks, False, monkeypatch))
+
+
+def test_short_chunk_cold_state_and_batch(sat, chunks, monkeypatch):
+    short = [chunks[0], chunks[1][:, :5000], chunks[2]]  # a short chunk keeps part of the re-positioned memory
+    _assert_close(_stream(sat, short, True, monkeypatch), _stream(sat, short, False, monkeypatch))
+    cold = sat.init_state(1, warm=False)
+    _assert_close(_stream(sat, chunks[:2], True, monkeypatch, cold), _stream(sat, chunks[:2], False, monkeypatch, cold))
+    pair = [torch.cat([a, 0.1 * b]) for a, b in zip(chunks[:3], chunks[3:])]
+    _assert_close(_stream(sat, pair, True, monkeypatch), _stream(sat, pair, False, monkeypatch))
+
+
+def test_memo_misses_for_other_or_edited_states(sat, chunks, monkeypatch):
+    """The memo serves a state equal to the one the last step returned; another stream's state, an edited one or
+    changed weights recompute the memory keys/values."""
+    monkeypatch.setattr(sat_module, "FAST_STEP", False)
+    with torch.inference_mode():
+        _, state_a = sat.step(chunks[0], sat.init_state(1))
+        _, state_b = sat.step(chunks[1], sat.init_state(1))
+        expected_a = sat.step(chunks[2], state_a)[0]
+        edited = state_b[0].clone()
+        edited[3] *= 0.5
+        expected_edited = sat.step(chunks[2], (edited,))[0]
+    monkeypatch.setattr(sat_module, "FAST_STEP", True)
+    with torch.inference_mode():
+        _, new_b = sat.step(chunks[1], sat.init_state(1))  # memo now holds stream b's memory
+        torch.testing.assert_close(sat.step(chunks[2], state_a)[0], expected_a, atol=ATOL, rtol=1e-5)
+        sat.step(chunks[1], sat.init_state(1))
+        new_b[0][3] *= 0.5  # the returned state edited in place: equals ``edited``, not the memo's copy
+        torch.testing.assert_close(sat.step(chunks[2], new_b)[0], expected_edited, atol=ATOL, rtol=1e-5)
+
+
+def test_memo_misses_after_a_weight_change(chunks, shared_dir, monkeypatch):
+    model = tympan.load("sat-tiny-2s", checkpoint=shared_dir / "fixtures" / "sat-tiny-2s" / "checkpoint.pt")
+    with torch.inference_mode():
+        _, state = model.step(chunks[0], model.init_state(1))
+    with torch.no_grad():
+        model.blocks[5].attn.qkv.weight.mul_(1.5)
+        model.blocks[7].norm1.bias.add_(0.1)
+    fused = _stream(model, chunks[1:3], True, monkeypatch, state)
+    _assert_close(fused, _stream(model, chunks[1:3], False, monkeypatch, state))
+
+
+def test_training_and_grad_take_the_reference_path(sat, chunks):
+    """With autograd on, the step runs the block modules, so gradients reach the memory's key/value weights."""
+    model = sat
+    spec = model.per_clip_spec(chunks[0])
+    with torch.enable_grad():
+        tokens, _ = model.forward_features(spec, model.init_state(1)[0])
+        tokens.sum().backward()
+    grad = model.blocks[3].attn.qkv.weight.grad
+    assert grad is not None and grad[192:].abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("rows,k,n,bias", [(48, 192, 576, True), (49, 192, 192, True), (5, 768, 192, False),
+                                           (96, 64, 32, True)])
+def test_small_gemm_matches_linear(rows, k, n, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(k, n, bias=bias)
+    x = torch.randn(2, rows, k)
+    with torch.inference_mode():
+        torch.testing.assert_close(small_gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        odd = torch.nn.Linear(k, 33)  # N not a multiple of 32: the module itself
+        torch.testing.assert_close(small_gemm.linear(odd, x), odd(x))
+    with torch.no_grad():
+        layer.weight.mul_(2)  # the packed copy follows the weight's version
+    with torch.inference_mode():
+        torch.testing.assert_close(small_gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
