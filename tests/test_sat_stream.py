@@ -120,3 +120,83 @@ def test_small_gemm_matches_linear(rows, k, n, bias):
         layer.weight.mul_(2)  # the packed copy follows the weight's version
     with torch.inference_mode():
         torch.testing.assert_close(small_gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def _reference_blocks(blocks, x, memories, kv_given):
+    """Block modules one by one (memory attention as SAT's reference step), returning the outputs and the chunk's
+    keys/values; ``kv_given[i]`` replaces block i's memory keys/values."""
+    outputs, kvs = [x], []
+    for block, memory, given in zip(blocks, memories, kv_given):
+        d = x.shape[-1]
+        w, b = block.attn.qkv.weight, block.attn.qkv.bias
+        kvs.append(F.linear(block.norm1(x), w[d:], b[d:]))
+        if given is None:
+            x = block(x, memory=memory)
+        else:  # the same attention with the given memory keys/values
+            attn, heads = block.attn, block.attn.num_heads
+            h = block.norm1(x)
+            q = F.linear(h, w[:d], b[:d]).unflatten(-1, (heads, -1)).transpose(1, 2)
+            k, v = torch.cat([given, kvs[-1]], 1).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4)
+            mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            x = x + attn.proj(mixed)
+            x = x + block.mlp(block.norm2(x))
+        outputs.append(x)
+    return torch.stack(outputs), torch.stack(kvs)
+
+
+needs_kernel = pytest.mark.skipif(not small_gemm.available(), reason="no C compiler or no AVX-512")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,n,m,given", [(1, 48, 48, False), (2, 44, 48, True), (1, 4, 0, False), (3, 13, 20, True)])
+def test_run_blocks_matches_block_modules(threads, batch, n, m, given):
+    """The one-call C blocks (split over 1 or 2 threads by rows, streams straddling the split) equal the modules."""
+    from tympan.models.layers import Block
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(Block(96, 3) for _ in range(3)).eval()
+    with torch.no_grad():
+        for p in blocks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(batch, n, 96)
+    memories = [torch.randn(batch, m, 96) for _ in blocks] if m else [None] * 3
+    kv_given = [None, torch.randn(batch, m, 192), None] if given else [None] * 3
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            expected, expected_kv = _reference_blocks(blocks, x, memories, kv_given)
+            table = small_gemm.block_table(blocks, x)
+            assert table is not None
+            states = torch.empty(4, batch, n, 96)
+            states[0] = x
+            kvc, kvm = torch.empty(3, batch, n, 192), torch.empty(3, batch, m, 192)
+            small_gemm.run_blocks(table, states, memories if m else None, kv_given, kvm, kvc)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kvc, expected_kv, atol=1e-5, rtol=1e-5)
+    if m:
+        for i, memory in enumerate(memories):
+            if kv_given[i] is None:  # computed here: norm1 and the key/value rows of qkv
+                w, b = blocks[i].attn.qkv.weight, blocks[i].attn.qkv.bias
+                torch.testing.assert_close(kvm[i], F.linear(blocks[i].norm1(memory), w[96:], b[96:]), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_gelu_and_table_fallbacks():
+    """The kernel's exact GELU is within 2e-6 of torch's; blocks it cannot run (tanh GELU, head size not a multiple
+    of 32, autograd) get no table."""
+    from tympan.models.layers import Block
+
+    x = torch.linspace(-12, 12, 1 << 16)
+    torch.testing.assert_close(small_gemm.gelu(x), F.gelu(x), atol=2e-6, rtol=0)
+    blocks = torch.nn.ModuleList([Block(96, 3)]).eval()
+    tokens = torch.zeros(1, 8, 96)
+    with torch.inference_mode():
+        assert small_gemm.block_table(blocks, tokens) is not None
+        assert small_gemm.block_table(torch.nn.ModuleList([Block(96, 2)]).eval(), tokens) is None  # head size 48
+        blocks[0].mlp.act = torch.nn.GELU(approximate="tanh")
+        assert small_gemm.block_table(blocks, tokens) is None
+    assert small_gemm.block_table(torch.nn.ModuleList([Block(96, 3)]), tokens) is None  # autograd on

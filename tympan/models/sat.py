@@ -21,9 +21,10 @@ memory by fewer than ``cache_size`` tokens), except that it returns logits (the 
 :meth:`probabilities`; several pieces combine as :func:`~tympan.models.audiotransformer.combine_piece_logits`).
 :class:`tympan.inference.Streamer` fixes the streaming-level bugs.
 
-Inference (no autograd, eval, not traced) runs :meth:`SAT.stream_features`: the same numbers with the chunk's
-products on prepacked weights (:mod:`tympan.ops.small_gemm`) and the memory keys/values of blocks 1.. taken from
-the previous step (:class:`KVMemo`); training, tracing and export run the block modules (:meth:`SAT.reference_features`).
+Inference (no autograd, eval, not traced) runs :meth:`SAT.stream_features`: the same numbers with the blocks in
+one call of a C kernel on prepacked weights, split over the intra-op threads (:mod:`tympan.ops.small_gemm`), and
+the memory keys/values of blocks 1.. taken from the previous step (:class:`KVMemo`); training, tracing and export
+run the block modules (:meth:`SAT.reference_features`).
 
 Protocol: ``streaming = True``; the state is ``(cache,)``; :meth:`SAT.init_state` is the original's silence memory
 (``warm=True``) or an empty one, :meth:`SAT.step` runs one waveform chunk (each stream's own spectrogram, as
@@ -37,7 +38,7 @@ model (the converter then cuts ``time_pos_embed`` as the original ``load_state_d
 
 from __future__ import annotations
 
-import weakref
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ from tympan.ops import small_gemm
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
+_VERSION = operator.attrgetter("_version")
 FAST_STEP = True  # inference through SAT.stream_features; False: the block modules (SAT.reference_features)
 
 
@@ -190,11 +192,12 @@ class SAT(SpectrogramTransformer):
         """:meth:`forward_features` for inference, with the per-step work cut to the matmuls and a few fused ops.
 
         * the patch embedding is one matmul (:meth:`embed_chunk`);
-        * the chunk's products run on prepacked weights (:func:`tympan.ops.small_gemm.linear`: MKL repacks the weight
-          on every call, as costly as a 48-row product itself);
+        * the blocks run in one call of the C kernel (:func:`tympan.ops.small_gemm.run_blocks`: prepacked weights,
+          fused epilogues, attention, the chunk's rows split over the intra-op threads, one barrier per block); where it does
+          not apply (e.g. the int8 mode), :meth:`_python_blocks` runs them op by op with the same fusions;
         * each block runs one fused ``qkv`` product on the chunk; only the memory's keys/values come from the
           memory, and for blocks 1.. they come from the K/V memo when ``cache`` is the tensor the previous step
-          returned (see :meth:`_memo_lookup`): those blocks' memory is that step's block inputs, whose keys and
+          returned (see :class:`KVMemo`): those blocks' memory is that step's block inputs, whose keys and
           values it has already computed;
         * block inputs are written into one preallocated ``[depth + 1, B, N, D]`` buffer, whose first ``depth``
           planes are the new cache for a full chunk (no stack or concatenation).
@@ -209,6 +212,45 @@ class SAT(SpectrogramTransformer):
         memo = self._kv_memo.lookup(cache, key)
         states = tokens.new_empty(depth + 1, batch, n, dim)
         states[0] = tokens
+        table = small_gemm.block_table(self.blocks, tokens)
+        if table is not None:
+            new_memo = self._fused_blocks(table, states, cache, memory0, memo)
+        else:
+            new_memo = self._python_blocks(states, cache, memory0, memo)
+        if n >= size or cache is None:
+            new_cache = states[:depth, :, max(0, n - size):]
+        else:  # a short chunk keeps part of the (re-positioned) memory, as the original's concatenation does
+            new_cache = torch.cat([torch.cat([memory0[None], cache[1:]]), states[:depth]], dim=2)[:, :, -size:]
+        self._kv_memo.store(new_cache, key, new_memo)
+        return self.norm(states[depth]), new_cache
+
+    def _fused_blocks(self, table: small_gemm.BlockTable, states: Tensor, cache: Tensor | None,
+                      memory0: Tensor | None, memo: list[Tensor] | None) -> list[Tensor]:
+        """The blocks through the C kernel, in place on ``states``; returns the keys/values of blocks 1.. for the
+        memo (views of the chunk's, for a full chunk)."""
+        depth, batch, n, dim = states.shape[0] - 1, states.shape[1], states.shape[2], states.shape[3]
+        size = self.cache_size
+        kvc = states.new_empty(depth, batch, n, 2 * dim)
+        if cache is None:
+            small_gemm.run_blocks(table, states, kvc=kvc)
+            return [kvc[i, :, -size:] for i in range(1, depth)]
+        mem_kv: list[Tensor | None] = [None] * depth
+        if memo is not None:
+            mem_kv[1:] = [kv if kv.dtype == states.dtype else None for kv in memo]
+        mem_x = [memory0, *cache[1:].unbind(0)]
+        kvm = states.new_empty(depth, batch, cache.shape[2], 2 * dim)
+        small_gemm.run_blocks(table, states, mem_x, mem_kv, kvm, kvc)
+        if n >= size:
+            return [kvc[i, :, n - size:] for i in range(1, depth)]
+        return [torch.cat([kvm[i] if mem_kv[i] is None else mem_kv[i], kvc[i]], dim=1)[:, -size:]
+                for i in range(1, depth)]
+
+    def _python_blocks(self, states: Tensor, cache: Tensor | None, memory0: Tensor | None,
+                       memo: list[Tensor] | None) -> list[Tensor]:
+        """The blocks op by op (fused qkv, memory keys/values from the memo, chunk products through
+        :func:`tympan.ops.small_gemm.linear`), in place on ``states``; returns the memo's keys/values."""
+        batch, n, dim = states.shape[1:]
+        size = self.cache_size
         new_memo: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             x, attn, norm1 = states[i], block.attn, block.norm1
@@ -234,24 +276,19 @@ class SAT(SpectrogramTransformer):
             y = torch.add(x, small_gemm.linear(attn.proj, mixed), out=states[i + 1])
             mlp = block.mlp
             y += mlp.drop(small_gemm.linear(mlp.fc2, mlp.drop(mlp.act(small_gemm.linear(mlp.fc1, block.norm2(y))))))
-        if n >= size or cache is None:
-            new_cache = states[:depth, :, max(0, n - size):]
-        else:  # a short chunk keeps part of the (re-positioned) memory, as the original's concatenation does
-            new_cache = torch.cat([torch.cat([memory0[None], cache[1:]]), states[:depth]], dim=2)[:, :, -size:]
-        self._kv_memo.store(new_cache, key, new_memo)
-        return self.norm(states[depth]), new_cache
+        return new_memo
 
     def _memo_key(self) -> tuple[int, ...] | None:
         """Address and version of every tensor the memory keys/values of blocks 1.. depend on (``None`` when the
-        weights are inference tensors, which keep no version: no memo then)."""
-        key: list[int] = []
-        for block in self.blocks[1:]:
-            for module in (block.norm1, block.attn.qkv):
-                for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                    if tensor.is_inference():
-                        return None
-                    key += (tensor.data_ptr(), tensor._version)
-        return tuple(key)
+        weights are inference tensors, which keep no version: no memo then). Read through the module dicts: it runs
+        every step."""
+        tensors: list[Tensor] = []
+        for block in list(self.blocks._modules.values())[1:]:
+            for module in (block._modules["norm1"], block._modules["attn"]._modules["qkv"]):
+                tensors += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if any(map(Tensor.is_inference, tensors)):
+            return None
+        return (*map(Tensor.data_ptr, tensors), *map(_VERSION, tensors))
 
     def step_spectrogram(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One streaming step on a normalised chunk: (logits ``[B, C]``, new cache)."""

@@ -5,6 +5,9 @@ keyed by the source, the flags, the compiler's version and the CPU's feature fla
 it runs on, ``-march=native``), and loads it. Without a working compiler (``$CC``, ``cc``, ``gcc`` or ``clang``),
 or with its environment switch set to ``0`` (``TYMPAN_NATIVE=0`` disables every library), ``lib()`` is None and
 callers take their PyTorch path. No fast-math flag is used (it could change the process's float environment).
+``optional_flags`` (e.g. ``-fopenmp``) are tried first and dropped when the compiler rejects them. An OpenMP build
+links ``libgomp.so.1``, which in a process that imported torch (its OpenMP runtime has that name) is torch's own:
+the kernels' parallel regions run on the same thread team as torch's intra-op work.
 
 A parallel helper splits a range of independent work items over ``torch.get_num_threads()`` Python threads
 (ctypes releases the GIL during each foreign call).
@@ -57,8 +60,11 @@ def cache_dir() -> Path:
 class NativeLibrary:
     """A C source built on first use; ``functions`` maps entry names to ``(restype, argtypes)``."""
 
-    def __init__(self, name: str, source: str, functions: dict[str, tuple[object, list]], switch: str):
+    def __init__(self, name: str, source: str, functions: dict[str, tuple[object, list]], switch: str,
+                 optional_flags: tuple[str, ...] = ()):
         self.name, self.source, self.functions, self.switch = name, source, functions, switch
+        self.optional_flags = tuple(optional_flags)
+        self.flags: list[str] = []  # the optional flags the loaded build has
         self._lock = threading.Lock()
         self._lib: ctypes.CDLL | None = None
         self.error: str | None = None
@@ -68,7 +74,24 @@ class NativeLibrary:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC)")
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([self.source, " ".join(FLAGS), version, _cpu_signature()]).encode())
+        attempts = [list(self.optional_flags), []] if self.optional_flags else [[]]
+        for extra in attempts:
+            try:
+                lib = self._load(compiler, FLAGS + extra, version)
+            except (RuntimeError, OSError):  # the optional flags failed to build or load: without them
+                if extra == attempts[-1]:
+                    raise
+                continue
+            self.flags = extra
+            break
+        for fname, (restype, argtypes) in self.functions.items():
+            fn = getattr(lib, fname)
+            fn.restype, fn.argtypes = restype, argtypes
+        return lib
+
+    def _load(self, compiler: str, flags: list[str], version: str) -> ctypes.CDLL:
+        """The library built with ``flags`` (from the cache when there), loaded."""
+        key = hashlib.sha256("\0".join([self.source, " ".join(flags), version, _cpu_signature()]).encode())
         folder = cache_dir()
         path = folder / f"{self.name}_{key.hexdigest()[:16]}.so"
         if not path.exists():
@@ -76,16 +99,12 @@ class NativeLibrary:
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 src, out = Path(tmp) / f"{self.name}.c", Path(tmp) / f"{self.name}.so"
                 src.write_text(self.source)
-                result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True,
+                result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True,
                                         text=True, timeout=180)
                 if result.returncode != 0:
                     raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
                 os.replace(out, path)  # atomic: concurrent builders end with one complete file
-        lib = ctypes.CDLL(str(path))
-        for fname, (restype, argtypes) in self.functions.items():
-            fn = getattr(lib, fname)
-            fn.restype, fn.argtypes = restype, argtypes
-        return lib
+        return ctypes.CDLL(str(path))
 
     def lib(self) -> ctypes.CDLL | None:
         """The loaded library, built now if needed; None (with ``error`` set) when unavailable."""

@@ -1,45 +1,138 @@
-"""``x @ W^T + b`` for the few-row products of streaming steps (SAT-T: 48 tokens), on prepacked weights.
+"""Few-row transformer products on prepacked weights (SAT-T streaming: 48 tokens), in one small AVX-512 C library.
 
 MKL repacks the weight on every call, which for 48 rows costs about as much as the product, and a streaming step
 makes ~50 such calls on 22 MB of weights. Here each ``nn.Linear`` weight is packed once into 32-column panels
-(``[N/32, K, 32]``, kept while the weight's storage and version are unchanged) and a small AVX-512 C kernel
-(:mod:`tympan.ops.native`: built on first use, ``TYMPAN_SMALL_GEMM=0`` disables it) computes 6 x 32 output tiles
-with the K loop innermost: each output is one sequential fused-multiply-add chain over K, then the bias.
+(``[N/32, K, 32]``, kept while the weight's storage and version are unchanged) and the C kernel (:mod:`tympan.ops.native`:
+built on first use, ``TYMPAN_SMALL_GEMM=0`` disables it) computes 6 x 32 output tiles with the K loop innermost:
+each output is one sequential fused-multiply-add chain over K, then the bias, then an epilogue (none, a residual
+add ``res + (...)``, or the exact GELU) on the registers.
 
-:func:`linear` falls back to ``F.linear`` whenever the kernel does not apply: no compiler or no AVX-512, autograd,
-autocast, non-float32 or non-CPU tensors, ``N`` not a multiple of 32, or a module other than a plain ``nn.Linear``
-(e.g. the int8 mode's ``Int8Linear``). More than one intra-op thread splits the panels (:func:`native.parallel_ranges`).
+* :func:`linear`: ``module(x)`` for one ``nn.Linear``;
+* :func:`block_table` / :func:`run_blocks`: whole pre-norm ViT blocks (:class:`tympan.models.layers.Block`) on a
+  chunk with memory keys/values, the SAT streaming step, in one call: layer norms, the fused qkv product (and the
+  memory's keys/values when not given), attention over memory + chunk keys, ``x + proj(.)``, ``gelu(fc1(.))``,
+  ``y + fc2(.)``. The chunk's rows (whole 6-row tiles) are dealt out to ``torch.get_num_threads()`` threads in one
+  OpenMP parallel region; every phase is row-local except attention, which needs every row's keys/values, so a block
+  costs one barrier (spin ~30 us, then sleep on a futex: on a machine busier than its cores a spinning waiter would
+  hold the core the awaited thread needs). The library is built with ``-fopenmp`` when the compiler takes it and then
+  runs on torch's own OpenMP runtime and thread team; without OpenMP it runs on one thread.
+
+Numerics: the same products, each output's K sum in order; layer norm two-pass in fp32; softmax ``exp(s - max)``
+with the sum divided at the end (as the flash attention kernel); GELU with erf by Abramowitz-Stegun 7.1.26
+(|error| < 1.5e-7), the form torch's vectorised CPU GELU evaluates, and an own exp (Cody-Waite, degree-7 Taylor).
+Results match the module path to ~1e-6.
+
+Everything falls back (``None`` / the module itself) when the kernel does not apply: no compiler or no AVX-512,
+autograd, autocast, non-float32 or non-CPU tensors, inference-tensor weights, sizes not multiples of 32 (head size
+included), or modules other than the plain ones (e.g. the int8 mode's ``Int8Linear``, a tanh GELU).
 """
 
 from __future__ import annotations
 
+import ctypes
+import operator
 import weakref
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tympan.ops import native
 
-__all__ = ["linear", "available", "pack_weight"]
+__all__ = ["linear", "available", "openmp", "pack_weight", "block_table", "run_blocks", "BlockTable"]
 
-ENABLED = True  # False: linear() is the module itself (e.g. to count FLOPs, which the C kernel hides from torch)
+ENABLED = True  # False: linear() is the module itself and block_table() None (e.g. to count FLOPs, which the C
+# kernel hides from torch)
+BLOCKS_ENABLED = True  # False: block_table() is None, the callers run their op-by-op path (benchmarks compare both)
 PANEL = 32
-MIN_PANELS_PER_THREAD = 4  # below this a second thread costs more than it saves
+MIN_PANELS_PER_THREAD = 4  # linear(): below this a second thread costs more than it saves
+MIN_TILES_PER_THREAD = 2  # run_blocks(): 6-row tiles of the chunk per thread
+MAX_K = 4096  # the kernel's zero row holds this many inputs (K, and memory + chunk tokens in attention)
 
 _SOURCE = r"""
+#define _GNU_SOURCE
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAX_K 4096
+
+int small_gemm_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* One 6 x 32 tile: c[r, j] = sum_k a[r, k] w[k, j] + bias[j] (a row stride lda, c row stride ldc). */
-static inline void tile6(const float* a, int64_t lda, int64_t k, const float* w, __m512 b0, __m512 b1, float* c,
-                         int64_t ldc) {
+int small_gemm_available(void) { return 1; }
+
+static const float ZEROS[MAX_K]; /* the missing rows of a partial tile */
+
+enum { EPI_BIAS = 0, EPI_RESIDUAL = 1, EPI_GELU = 2 };
+
+/* exp(x): x = n ln2 + r (Cody-Waite), exp(r) by its degree-7 Taylor polynomial (|r| <= ln2 / 2: < 1e-8 relative),
+   times 2^n by scalef (underflows to denormals and zero). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7228f)), _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7): the form
+   PyTorch's vectorised CPU GELU evaluates. */
+static inline __m512 gelu16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    __m512 az = _mm512_abs_ps(z);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+    __m512 erf_abs = _mm512_fnmadd_ps(p, e, one);
+    /* erf(z) carries z's sign */
+    __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs),
+        _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000))));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+
+static inline __attribute__((always_inline)) __m512 epilogue(__m512 acc, __m512 b, const float* res, int mode) {
+    __m512 v = _mm512_add_ps(acc, b);
+    if (mode == EPI_RESIDUAL) v = _mm512_add_ps(_mm512_loadu_ps(res), v);
+    else if (mode == EPI_GELU) v = gelu16(v);
+    return v;
+}
+
+/* Up to 6 rows x 32 columns: c[r, j] = epilogue(sum_k a_r[k] w[k, j] + bias[j]); each output one sequential
+   fused-multiply-add chain over k, then the bias, then the epilogue (residual res[r, j] + ..., or GELU). */
+static inline __attribute__((always_inline)) void tile6(const float* const* a, int64_t k, const float* w, __m512 b0,
+        __m512 b1, float* c, int64_t ldc, const float* res, int64_t ldr, int rows, int mode) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t kk = 0; kk < k; kk++) {
         __m512 w0 = _mm512_loadu_ps(w + kk * 32), w1 = _mm512_loadu_ps(w + kk * 32 + 16), v;
         v = _mm512_set1_ps(a0[kk]); c00 = _mm512_fmadd_ps(v, w0, c00); c01 = _mm512_fmadd_ps(v, w1, c01);
@@ -49,53 +142,354 @@ static inline void tile6(const float* a, int64_t lda, int64_t k, const float* w,
         v = _mm512_set1_ps(a4[kk]); c40 = _mm512_fmadd_ps(v, w0, c40); c41 = _mm512_fmadd_ps(v, w1, c41);
         v = _mm512_set1_ps(a5[kk]); c50 = _mm512_fmadd_ps(v, w0, c50); c51 = _mm512_fmadd_ps(v, w1, c51);
     }
-    _mm512_storeu_ps(c, _mm512_add_ps(c00, b0)); _mm512_storeu_ps(c + 16, _mm512_add_ps(c01, b1)); c += ldc;
-    _mm512_storeu_ps(c, _mm512_add_ps(c10, b0)); _mm512_storeu_ps(c + 16, _mm512_add_ps(c11, b1)); c += ldc;
-    _mm512_storeu_ps(c, _mm512_add_ps(c20, b0)); _mm512_storeu_ps(c + 16, _mm512_add_ps(c21, b1)); c += ldc;
-    _mm512_storeu_ps(c, _mm512_add_ps(c30, b0)); _mm512_storeu_ps(c + 16, _mm512_add_ps(c31, b1)); c += ldc;
-    _mm512_storeu_ps(c, _mm512_add_ps(c40, b0)); _mm512_storeu_ps(c + 16, _mm512_add_ps(c41, b1)); c += ldc;
-    _mm512_storeu_ps(c, _mm512_add_ps(c50, b0)); _mm512_storeu_ps(c + 16, _mm512_add_ps(c51, b1));
+#define STORE_ROW(r, x0, x1)                                                                                  \
+    if (rows > r) {                                                                                          \
+        const float* rr = res ? res + r * ldr : 0;                                                           \
+        __m512 o0 = epilogue(x0, b0, rr, mode), o1 = epilogue(x1, b1, rr ? rr + 16 : 0, mode);              \
+        _mm512_storeu_ps(c + r * ldc, o0); _mm512_storeu_ps(c + r * ldc + 16, o1);                           \
+    }
+    STORE_ROW(0, c00, c01) STORE_ROW(1, c10, c11) STORE_ROW(2, c20, c21)
+    STORE_ROW(3, c30, c31) STORE_ROW(4, c40, c41) STORE_ROW(5, c50, c51)
+#undef STORE_ROW
 }
 
-int small_gemm_available(void) { return 1; }
+/* A product segment: rows of a [m, k] (row stride lda) times packed panels w ([np, k, 32]) plus bias -> c (row
+   stride ldc; panel p at column 32 p), with an epilogue (res: the residual, row stride ldr). */
+typedef struct {
+    const float* a; int64_t lda, m, k; const float* w; const float* bias; float* c; int64_t ldc;
+    const float* res; int64_t ldr; int mode; int64_t np;
+} segment;
 
-/* out[m, n] (row stride n) = x[m, k] @ W^T + bias for the 32-column panels p0 <= p < p1 of W packed [n/32, k, 32]. */
-void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const float* bias, float* out, int64_t n,
-                int64_t p0, int64_t p1) {
-    float pad_a[6 * 4096], pad_c[6 * 32];
-    for (int64_t p = p0; p < p1; p++) {
-        const float* wp = w + p * k * 32;
-        __m512 b0 = bias ? _mm512_loadu_ps(bias + p * 32) : _mm512_setzero_ps();
-        __m512 b1 = bias ? _mm512_loadu_ps(bias + p * 32 + 16) : _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 6 <= m; i += 6) tile6(x + i * k, k, k, wp, b0, b1, out + i * n + p * 32, n);
-        if (i < m) { /* last rows: zero-padded to a full tile */
-            int64_t rows = m - i;
-            memset(pad_a, 0, sizeof(float) * 6 * k);
-            memcpy(pad_a, x + i * k, sizeof(float) * rows * k);
-            tile6(pad_a, k, k, wp, b0, b1, pad_c, 32);
-            for (int64_t r = 0; r < rows; r++) memcpy(out + (i + r) * n + p * 32, pad_c + r * 32, sizeof(float) * 32);
+static inline __attribute__((always_inline)) void seg_panel_mode(const segment* s, int64_t p, int64_t t0, int64_t t1,
+                                                                 int mode) {
+    const float* wp = s->w + p * s->k * 32;
+    __m512 b0 = s->bias ? _mm512_loadu_ps(s->bias + p * 32) : _mm512_setzero_ps();
+    __m512 b1 = s->bias ? _mm512_loadu_ps(s->bias + p * 32 + 16) : _mm512_setzero_ps();
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t r0 = 6 * t;
+        int rows = (int)(s->m - r0 < 6 ? s->m - r0 : 6);
+        const float* a[6];
+        for (int r = 0; r < 6; r++) a[r] = r < rows ? s->a + (r0 + r) * s->lda : ZEROS;
+        tile6(a, s->k, wp, b0, b1, s->c + r0 * s->ldc + p * 32, s->ldc,
+              s->res ? s->res + r0 * s->ldr + p * 32 : 0, s->ldr, rows, mode);
+    }
+}
+
+/* panel p, row tiles [t0, t1) of a segment */
+static void seg_panel(const segment* s, int64_t p, int64_t t0, int64_t t1) {
+    if (s->mode == EPI_RESIDUAL) seg_panel_mode(s, p, t0, t1, EPI_RESIDUAL);
+    else if (s->mode == EPI_GELU) seg_panel_mode(s, p, t0, t1, EPI_GELU);
+    else seg_panel_mode(s, p, t0, t1, EPI_BIAS);
+}
+
+/* Thread t of nt: its share of the (panel, row group) units of the segments; panels split first, rows only when
+   there are fewer than two panels per thread. */
+static void run_segments(const segment* segs, int count, int t, int nt) {
+    int64_t panels = 0, units = 0;
+    for (int i = 0; i < count; i++) panels += segs[i].np;
+    int64_t groups = panels >= 2 * nt ? 1 : (2 * nt + panels - 1) / (panels ? panels : 1);
+    int64_t g[4];
+    for (int i = 0; i < count; i++) {
+        int64_t tiles = (segs[i].m + 5) / 6;
+        g[i] = groups < tiles ? groups : (tiles ? tiles : 1);
+        units += segs[i].np * g[i];
+    }
+    int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt, base = 0;
+    for (int i = 0; i < count; i++) {
+        const segment* s = segs + i;
+        int64_t n_units = s->np * g[i], tiles = (s->m + 5) / 6;
+        for (int64_t u = (u0 > base ? u0 : base); u < u1 && u < base + n_units; u++) {
+            int64_t p = (u - base) / g[i], q = (u - base) % g[i];
+            seg_panel(s, p, tiles * q / g[i], tiles * (q + 1) / g[i]);
+        }
+        base += n_units;
+    }
+}
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* y[r] = (x[r] - mean) / sqrt(var + eps) * w + b for rows r0 <= r < r1 (d a multiple of 16; w, b may be NULL) */
+static void layer_norm_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0, int64_t r1, int64_t d,
+                            const float* w, const float* b, float eps) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float* xr = x + r * ldx;
+        float* yr = y + r * ldy;
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t j = 0; j < d; j += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xr + j));
+        __m512 mean = _mm512_set1_ps(hsum(s) / (float)d), v = _mm512_setzero_ps();
+        for (int64_t j = 0; j < d; j += 16) {
+            __m512 c = _mm512_sub_ps(_mm512_loadu_ps(xr + j), mean);
+            v = _mm512_fmadd_ps(c, c, v);
+        }
+        __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(hsum(v) / (float)d + eps));
+        for (int64_t j = 0; j < d; j += 16) {
+            __m512 o = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + j), mean), rstd);
+            if (w) o = _mm512_mul_ps(o, _mm512_loadu_ps(w + j));
+            if (b) o = _mm512_add_ps(o, _mm512_loadu_ps(b + j));
+            _mm512_storeu_ps(yr + j, o);
         }
     }
 }
+
+/* Softmax numerators of one row of scores: e[j] = exp(scale s[j] - max) for j < l, 0 up to lp; returns their sum. */
+static float softmax_row(float* s, int64_t l, int64_t lp, float scale) {
+    __m512 sc = _mm512_set1_ps(scale), mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= l; j += 16) mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
+    __mmask16 tail = (__mmask16)((1u << (l - j)) - 1);
+    if (l > j) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + j), sc));
+    __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= l; j += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), m));
+        _mm512_storeu_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (l > j) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + j), sc), m));
+        e = _mm512_maskz_mov_ps(tail, e);
+        _mm512_storeu_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+        j += 16;
+    }
+    for (; j < lp; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+    return hsum(sum);
+}
+
+/* Attention of one head for query rows [r0, r1): keys/values are the m memory rows then the n chunk rows (row
+   strides ldm, ldk); out = softmax(scale q k^T) v. kp, vp: the head's keys/values packed as 32-column panels
+   (filled when pack is set), s: scores scratch [r1 - r0 (6-row aligned), lp], sums: [r1 - r0]. */
+static void attention_rows(const float* q, int64_t ldq, int64_t r0, int64_t r1, const float* km, const float* vm,
+                           int64_t ldm, int64_t m, const float* kc, const float* vc, int64_t ldk, int64_t n,
+                           int64_t hd, float scale, float* out, int64_t ldo, float* kp, float* vp, float* s,
+                           float* sums, int pack) {
+    int64_t l = m + n, lp = (l + 31) / 32 * 32;
+    if (pack) {
+        memset(kp, 0, sizeof(float) * lp * hd);
+        for (int64_t j = 0; j < l; j++) {
+            const float* kr = j < m ? km + j * ldm : kc + (j - m) * ldk;
+            float* dst = kp + (j / 32) * hd * 32 + (j % 32);
+            for (int64_t c = 0; c < hd; c++) dst[c * 32] = kr[c];
+        }
+        for (int64_t j = 0; j < lp; j++) {
+            const float* vr = j < m ? vm + j * ldm : (j < l ? vc + (j - m) * ldk : ZEROS);
+            for (int64_t p = 0; p < hd / 32; p++) memcpy(vp + p * lp * 32 + j * 32, vr + p * 32, sizeof(float) * 32);
+        }
+    }
+    int64_t rows = r1 - r0;
+    segment sq = {q + r0 * ldq, ldq, rows, hd, kp, 0, s, lp, 0, 0, EPI_BIAS, lp / 32};
+    run_segments(&sq, 1, 0, 1);
+    for (int64_t r = 0; r < rows; r++) sums[r] = softmax_row(s + r * lp, l, lp, scale);
+    segment sv = {s, lp, rows, lp, vp, 0, out + r0 * ldo, ldo, 0, 0, EPI_BIAS, hd / 32};
+    run_segments(&sv, 1, 0, 1);
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 div = _mm512_set1_ps(sums[r]);
+        float* o = out + (r0 + r) * ldo;
+        for (int64_t c = 0; c < hd; c += 16) _mm512_storeu_ps(o + c, _mm512_div_ps(_mm512_loadu_ps(o + c), div));
+    }
+}
+
+/* The block barrier: spin a little, then sleep on a futex (Linux), so that on a machine busier than its cores a
+   waiting thread hands its core to the thread it waits for instead of spinning through its time slice (OpenMP's
+   own barrier spins far longer). Elsewhere: the OpenMP barrier. */
+#if defined(_OPENMP) && defined(__linux__)
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+typedef struct { atomic_int arrived, phase, sleepers; int threads; } block_barrier;
+#define BARRIER_SPIN 100000 /* time-stamp counter ticks (~30 us) */
+static void barrier_wait(block_barrier* b) {
+    if (b->threads <= 1) return;
+    int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->arrived, 1) == b->threads - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_fetch_add(&b->phase, 1);
+        if (atomic_load(&b->sleepers)) syscall(SYS_futex, &b->phase, FUTEX_WAKE_PRIVATE, b->threads, 0, 0, 0);
+        return;
+    }
+    for (uint64_t start = __rdtsc(); __rdtsc() - start < BARRIER_SPIN;) {
+        if (atomic_load_explicit(&b->phase, memory_order_acquire) != phase) return;
+        _mm_pause();
+    }
+    atomic_fetch_add(&b->sleepers, 1);
+    while (atomic_load(&b->phase) == phase) syscall(SYS_futex, &b->phase, FUTEX_WAIT_PRIVATE, phase, 0, 0, 0);
+    atomic_fetch_sub(&b->sleepers, 1);
+}
+#define BARRIER() barrier_wait(j->barrier)
+#elif defined(_OPENMP)
+typedef struct { int threads; } block_barrier;
+#define BARRIER() _Pragma("omp barrier")
+#else
+typedef struct { int threads; } block_barrier;
+#define BARRIER()
+#endif
+
+/* Everything one call of vit_blocks works on. */
+typedef struct {
+    int64_t depth, batch, n, m, d, heads, hidden;
+    const float* const* weights; /* per block: ln1 w, b, qkv packed, bias, proj packed, bias, ln2 w, b,
+                                    fc1 packed, bias, fc2 packed, bias */
+    const float* eps;            /* per block: ln1, ln2 */
+    float* states;               /* [depth + 1, batch, n, d]; plane 0 is the input */
+    const float* const* mem_x;   /* per block: memory tokens [batch, m, d] (used when mem_kv is NULL) */
+    const float* const* mem_kv;  /* per block: memory keys/values [batch, m, 2d] or NULL: computed into kvm */
+    float* kvm;                  /* [depth, batch, m, 2d] */
+    float* kvc;                  /* [depth, batch, n, 2d]: the chunk's keys/values */
+    float *h, *q, *mixed, *act, *scratch;
+    int64_t scratch_per_thread;
+    block_barrier* barrier;
+} job;
+
+
+/* [*lo, *hi): thread t's rows of `rows` when 6-row tiles are dealt out in nt contiguous runs */
+static void row_share(int64_t rows, int t, int nt, int64_t* lo, int64_t* hi) {
+    int64_t tiles = (rows + 5) / 6;
+    *lo = 6 * (tiles * t / nt);
+    *hi = 6 * (tiles * (t + 1) / nt);
+    if (*lo > rows) *lo = rows;
+    if (*hi > rows) *hi = rows;
+}
+
+/* Thread t of nt runs every phase on its own rows (whole 6-row tiles): norm1, qkv (and the memory's keys/values on
+   its share of the memory rows), then, once every thread's keys/values are there (the one barrier of a block),
+   attention of its query rows, proj + residual, norm2, fc1 + GELU, fc2 + residual: row-local, so a block needs no
+   other synchronisation. The buffers read across threads (keys/values) are per block, never overwritten. */
+static void run_blocks(const job* j, int t, int nt) {
+    const int64_t d = j->d, n = j->n, m = j->m, rows = j->batch * n, mrows = j->batch * m, hd = d / j->heads;
+    const int64_t l = m + n, lp = (l + 31) / 32 * 32;
+    float* kp = j->scratch + t * j->scratch_per_thread;
+    float *vp = kp + lp * hd, *s = vp + lp * hd, *sums = s + (n + 6) * lp;
+    float* hm = j->h + rows * d; /* norm1 of the memory rows */
+    const float scale = 1.0f / sqrtf((float)hd);
+    int64_t r0, r1, m0, m1;
+    row_share(rows, t, nt, &r0, &r1);
+    row_share(mrows, t, nt, &m0, &m1);
+    const int64_t own = r1 - r0;
+    for (int64_t i = 0; i < j->depth; i++) {
+        const float* const* w = j->weights + 12 * i;
+        const float* x = j->states + i * rows * d;
+        float* y = j->states + (i + 1) * rows * d;
+        float* kvc = j->kvc + i * rows * 2 * d;
+        const int compute_memory = m > 0 && j->mem_kv[i] == 0;
+        const float* kvm = m == 0 ? 0 : (compute_memory ? j->kvm + i * mrows * 2 * d : j->mem_kv[i]);
+        const float *wkv = w[2] + d * d, *bkv = w[3] ? w[3] + d : 0;
+        layer_norm_rows(x, d, j->h, d, r0, r1, d, w[0], w[1], j->eps[2 * i]);
+        {   /* qkv of own rows: queries -> q, keys/values -> kvc */
+            segment segs[2] = {
+                {j->h + r0 * d, d, own, d, w[2], w[3], j->q + r0 * d, d, 0, 0, EPI_BIAS, d / 32},
+                {j->h + r0 * d, d, own, d, wkv, bkv, kvc + r0 * 2 * d, 2 * d, 0, 0, EPI_BIAS, 2 * d / 32}};
+            if (own > 0) run_segments(segs, 2, 0, 1);
+        }
+        if (compute_memory && m1 > m0) {  /* the memory's keys/values, own share of its rows -> kvm */
+            layer_norm_rows(j->mem_x[i], d, hm, d, m0, m1, d, w[0], w[1], j->eps[2 * i]);
+            segment seg = {hm + m0 * d, d, m1 - m0, d, wkv, bkv, (float*)kvm + m0 * 2 * d, 2 * d, 0, 0, EPI_BIAS,
+                           2 * d / 32};
+            run_segments(&seg, 1, 0, 1);
+        }
+        BARRIER();
+        if (own <= 0) continue;
+        for (int64_t b = r0 / n; b * n < r1; b++) {  /* attention of own query rows, stream by stream */
+            int64_t q0 = (r0 > b * n ? r0 : b * n) - b * n, q1 = (r1 < (b + 1) * n ? r1 : (b + 1) * n) - b * n;
+            for (int64_t head = 0; head < j->heads; head++) {
+                const float* kmem = m ? kvm + b * m * 2 * d + head * hd : 0;
+                const float* kch = kvc + b * n * 2 * d + head * hd;
+                attention_rows(j->q + b * n * d + head * hd, d, q0, q1, kmem, kmem ? kmem + d : 0, 2 * d, m,
+                               kch, kch + d, 2 * d, n, hd, scale, j->mixed + b * n * d + head * hd, d, kp, vp, s,
+                               sums, 1);
+            }
+        }
+        {   /* y = x + proj(mixed) */
+            segment seg = {j->mixed + r0 * d, d, own, d, w[4], w[5], y + r0 * d, d, x + r0 * d, d, EPI_RESIDUAL, d / 32};
+            run_segments(&seg, 1, 0, 1);
+        }
+        layer_norm_rows(y, d, j->h, d, r0, r1, d, w[6], w[7], j->eps[2 * i + 1]);
+        {   /* act = gelu(fc1(norm2(y))) */
+            segment seg = {j->h + r0 * d, d, own, d, w[8], w[9], j->act + r0 * j->hidden, j->hidden, 0, 0, EPI_GELU,
+                           j->hidden / 32};
+            run_segments(&seg, 1, 0, 1);
+        }
+        {   /* y += fc2(act) */
+            segment seg = {j->act + r0 * j->hidden, j->hidden, own, j->hidden, w[10], w[11], y + r0 * d, d, y + r0 * d,
+                           d, EPI_RESIDUAL, d / 32};
+            run_segments(&seg, 1, 0, 1);
+        }
+    }
+}
+
+/* Pre-norm ViT blocks on few tokens with memory keys/values (see the job fields); nthreads threads (OpenMP). */
+int vit_blocks(int64_t depth, int64_t batch, int64_t n, int64_t m, int64_t d, int64_t heads, int64_t hidden,
+               const float* const* weights, const float* eps, float* states, const float* const* mem_x,
+               const float* const* mem_kv, float* kvm, float* kvc, int nthreads) {
+    int64_t rows = batch * n, mrows = batch * m, hd = d / heads, lp = (m + n + 31) / 32 * 32;
+    if (nthreads < 1) nthreads = 1;
+    int64_t per_thread = 2 * lp * hd + (n + 6) * lp + n + 16;
+    int64_t shared = (rows + mrows) * d + 2 * rows * d + rows * hidden;
+    float* buffer = (float*)malloc(sizeof(float) * (shared + nthreads * per_thread));
+    if (!buffer) return -1;
+    block_barrier barrier = {0};
+    barrier.threads = nthreads;
+    job j = {depth, batch, n, m, d, heads, hidden, weights, eps, states, mem_x, mem_kv, kvm, kvc,
+             buffer, buffer + (rows + mrows) * d, buffer + (rows + mrows) * d + rows * d,
+             buffer + (rows + mrows) * d + 2 * rows * d, buffer + shared, per_thread, &barrier};
+#ifdef _OPENMP
+    if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            if (omp_get_num_threads() != nthreads) {  /* a smaller team than asked for */
+#pragma omp single
+                barrier.threads = omp_get_num_threads();
+            }
+            run_blocks(&j, omp_get_thread_num(), omp_get_num_threads());
+        }
+    } else
+#endif
+        run_blocks(&j, 0, 1);
+    free(buffer);
+    return 0;
+}
+
+/* out[m, n] (row stride n) = x[m, k] @ W^T + bias, W packed [n/32, k, 32], split over nthreads threads. */
+void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const float* bias, float* out, int64_t n,
+                int nthreads) {
+    segment seg = {x, k, m, k, w, bias, out, n, 0, 0, EPI_BIAS, n / 32};
+#ifdef _OPENMP
+    if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+        run_segments(&seg, 1, omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
+#endif
+    run_segments(&seg, 1, 0, 1);
+}
+
+/* GELU of n floats (n a multiple of 16), for tests. */
+void gelu_f32(const float* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(x + i)));
+}
 #else
 int small_gemm_available(void) { return 0; }
+int vit_blocks(int64_t depth, int64_t batch, int64_t n, int64_t m, int64_t d, int64_t heads, int64_t hidden,
+               const float* const* weights, const float* eps, float* states, const float* const* mem_x,
+               const float* const* mem_kv, float* kvm, float* kvc, int nthreads) { return -1; }
 void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const float* bias, float* out, int64_t n,
-                int64_t p0, int64_t p1) {}
+                int nthreads) {}
+void gelu_f32(const float* x, float* y, int64_t n) {}
 #endif
 """
-
-MAX_K = 4096  # the kernel's padding buffer holds 6 rows of at most this many inputs
 
 _LIBRARY = native.NativeLibrary(
     "small_gemm",
     _SOURCE,
     {
         "small_gemm_available": (native.INT, []),
+        "small_gemm_openmp": (native.INT, []),
         "small_gemm": (None, [native.PTR, native.I64, native.I64, native.PTR, native.PTR, native.PTR, native.I64,
-                              native.I64, native.I64]),
+                              native.INT]),
+        "vit_blocks": (native.INT, [native.I64] * 7 + [native.PTR] * 7 + [native.INT]),
+        "gelu_f32": (None, [native.PTR, native.PTR, native.I64]),
     },
     switch="TYMPAN_SMALL_GEMM",
+    optional_flags=("-fopenmp",),
 )
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, ...], Tensor]] = weakref.WeakKeyDictionary()
 
@@ -104,6 +498,12 @@ def available() -> bool:
     """Whether the kernel is built and this CPU has AVX-512 (else :func:`linear` is ``F.linear``)."""
     lib = _LIBRARY.lib()
     return lib is not None and bool(lib.small_gemm_available())
+
+
+def openmp() -> bool:
+    """Whether the kernel was built with OpenMP (else it runs on one thread)."""
+    lib = _LIBRARY.lib()
+    return lib is not None and bool(lib.small_gemm_openmp())
 
 
 def pack_weight(weight: Tensor) -> Tensor:
@@ -122,19 +522,29 @@ def _packed_weight(module: nn.Linear) -> Tensor:
     return entry[1]
 
 
+def _inference_ok(x: Tensor) -> bool:
+    """The call-level conditions: enabled, no autograd or autocast, a float32 CPU input."""
+    return (ENABLED and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and x.dtype == torch.float32 and x.device.type == "cpu")
+
+
 def _applies(module: nn.Module, x: Tensor) -> bool:
-    if not ENABLED or type(module) is not nn.Linear or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+    if type(module) is not nn.Linear or not _inference_ok(x):
         return False
     weight = module.weight
-    if weight.is_inference() or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+    if weight.is_inference() or weight.dtype != torch.float32:
         return False
     n, k = weight.shape
     return n % PANEL == 0 and k <= MAX_K and weight.device.type == "cpu" and available()
 
 
+def _threads(work: int, min_work: int = 1) -> int:
+    return max(1, min(torch.get_num_threads(), work // max(min_work, 1)))
+
+
 def linear(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)`` for an ``nn.Linear`` (``x [..., K]`` -> ``[..., N]``) through the packed-weight kernel when it
-    applies (see the module doc), else the module itself."""
+    applies (see the module doc), else the module itself. More than one intra-op thread splits the panels."""
     if not _applies(module, x):
         return module(x)
     weight, bias = module.weight, module.bias
@@ -146,10 +556,170 @@ def linear(module: nn.Module, x: Tensor) -> Tensor:
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    fn = _LIBRARY.lib().small_gemm
-    x_ptr, w_ptr, out_ptr = rows.data_ptr(), packed.data_ptr(), out.data_ptr()
-    b_ptr = None if bias is None else bias.data_ptr()
-    m = rows.shape[0]
-    native.parallel_ranges(n // PANEL, lambda p0, p1: fn(x_ptr, m, k, w_ptr, b_ptr, out_ptr, n, p0, p1),
-                           min_items=MIN_PANELS_PER_THREAD)
+    _LIBRARY.lib().small_gemm(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(),
+                              None if bias is None else bias.data_ptr(), out.data_ptr(), n,
+                              _threads(n // PANEL, MIN_PANELS_PER_THREAD))
     return out.view(*x.shape[:-1], n)
+
+
+@dataclass
+class BlockTable:
+    """The C kernel's view of a stack of blocks: weight pointers (packed products), norm epsilons, sizes; valid
+    while :func:`_block_modules` of the stack and the storage and version of their tensors are unchanged (the table
+    holds the tensors, so a replaced one cannot reuse an address)."""
+
+    modules: list[nn.Module]
+    dicts: list[dict]  # the ``_parameters`` of the norms and products
+    versions: list[int]
+    addresses: list[int]
+    tensors: list[Tensor]
+    pointers: ctypes.Array
+    eps: ctypes.Array
+    keep: list[Tensor]  # the packed weights and contiguous vectors the pointers point into
+    dim: int
+    heads: int
+    hidden: int
+
+    def valid(self, modules: list[nn.Module]) -> bool:
+        """Whether the table still describes ``modules`` (a fresh :func:`_block_modules`)."""
+        if modules != self.modules:  # identity: modules define no __eq__
+            return False
+        tensors = [t for params in self.dicts for t in params.values() if t is not None]
+        return list(map(_VERSION, tensors)) == self.versions and list(map(Tensor.data_ptr, tensors)) == self.addresses
+
+
+_VERSION = operator.attrgetter("_version")
+_tables: weakref.WeakKeyDictionary[nn.Module, BlockTable] = weakref.WeakKeyDictionary()
+_PER_BLOCK = 8  # norm1, qkv, proj, norm2, fc1, fc2, GELU, the block itself
+
+
+def _block_modules(blocks: nn.Module) -> list[nn.Module] | None:
+    """Per block: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, mlp.act and the block (read through the module
+    dicts: cheap enough to check every call); None when a block is not shaped so."""
+    out: list[nn.Module] = []
+    try:
+        for block in blocks._modules.values():
+            parts, attn, mlp = block._modules, block._modules["attn"]._modules, block._modules["mlp"]._modules
+            out += (parts["norm1"], attn["qkv"], attn["proj"], parts["norm2"], mlp["fc1"], mlp["fc2"], mlp["act"], block)
+    except (KeyError, AttributeError):
+        return None
+    return out
+
+
+def _parameter_dicts(modules: list[nn.Module]) -> list[dict]:
+    """The ``_parameters`` of the norms and products among ``modules`` (the GELU and the blocks have none of their
+    own that the kernel reads)."""
+    return [module._parameters for i, module in enumerate(modules) if i % _PER_BLOCK < 6]
+
+
+def _plain_block(modules: list[nn.Module]) -> bool:
+    """A plain inference ViT block: LayerNorms, nn.Linear products, an exact GELU, no active dropout."""
+    norm1, qkv, proj, norm2, fc1, fc2, act, block = modules
+    if not (type(norm1) is type(norm2) is nn.LayerNorm and type(qkv) is type(proj) is type(fc1) is type(fc2) is nn.Linear
+            and type(act) is nn.GELU and act.approximate == "none"):
+        return False
+    attn, mlp = block.attn, block.mlp
+    dropping = [m for m in (getattr(mlp, "drop", None), getattr(attn, "proj_drop", None), getattr(block, "drop_path", None))
+                if m is not None and m.training and getattr(m, "p", 0.0)]
+    return not dropping and not (attn.training and getattr(attn, "attn_drop", 0.0)) and hasattr(attn, "num_heads")
+
+
+def block_table(blocks: nn.Module, x: Tensor) -> BlockTable | None:
+    """The :func:`run_blocks` table of ``blocks`` (an ``nn.ModuleList`` of :class:`tympan.models.layers.Block`) for
+    input ``x``, or None when the kernel does not apply (the caller runs its module path). Rebuilt when a module,
+    or a weight's identity, storage or version changes."""
+    if not BLOCKS_ENABLED or not _inference_ok(x) or not isinstance(blocks, nn.Module) or not available():
+        return None
+    modules = _block_modules(blocks)
+    if not modules:
+        return None
+    table = _tables.get(blocks)
+    if table is not None and table.valid(modules):
+        return table
+    table = _build_table(modules)
+    if table is not None:
+        _tables[blocks] = table
+    return table
+
+
+def _build_table(modules: list[nn.Module]) -> BlockTable | None:
+    per_block = [modules[i:i + _PER_BLOCK] for i in range(0, len(modules), _PER_BLOCK)]
+    if not all(_plain_block(parts) for parts in per_block):
+        return None
+    qkv, fc1 = per_block[0][1], per_block[0][4]
+    heads, dim, hidden = per_block[0][7].attn.num_heads, qkv.in_features, fc1.out_features
+    if dim % PANEL or hidden % PANEL or dim % heads or (dim // heads) % PANEL or max(dim, hidden) > MAX_K:
+        return None
+    dicts = _parameter_dicts(modules)
+    tensors = [t for params in dicts for t in params.values() if t is not None]
+    if any(t.is_inference() or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    slots: list[Tensor | None] = []
+    eps: list[float] = []
+    for norm1, qkv, proj, norm2, fc1, fc2, _, block in per_block:
+        shapes = [tuple(qkv.weight.shape), tuple(proj.weight.shape), tuple(fc1.weight.shape), tuple(fc2.weight.shape),
+                  tuple(norm1.normalized_shape), tuple(norm2.normalized_shape)]
+        if block.attn.num_heads != heads or shapes != [(3 * dim, dim), (dim, dim), (hidden, dim), (dim, hidden), (dim,),
+                                                       (dim,)]:
+            return None
+        slots += [norm1.weight, norm1.bias, _packed_weight(qkv), qkv.bias, _packed_weight(proj), proj.bias,
+                  norm2.weight, norm2.bias, _packed_weight(fc1), fc1.bias, _packed_weight(fc2), fc2.bias]
+        eps += [norm1.eps, norm2.eps]
+    keep = [t.detach().contiguous() for t in slots if t is not None]
+    contiguous = iter(keep)
+    pointers = [None if t is None else next(contiguous).data_ptr() for t in slots]
+    return BlockTable(modules, dicts, list(map(_VERSION, tensors)), list(map(Tensor.data_ptr, tensors)), tensors,
+                      (ctypes.c_void_p * len(pointers))(*pointers), (ctypes.c_float * len(eps))(*eps), keep,
+                      dim, heads, hidden)
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def run_blocks(table: BlockTable, states: Tensor, mem_x: Sequence[Tensor] | None = None,
+               mem_kv: Sequence[Tensor | None] | None = None, kvm: Tensor | None = None, kvc: Tensor | None = None) -> None:
+    """Run the blocks of ``table`` in place on ``states [depth + 1, B, N, D]`` (contiguous): plane 0 is the input,
+    plane ``i + 1`` becomes block ``i``'s output.
+
+    With memory (``M > 0`` tokens): block ``i`` attends over its memory's keys/values then the chunk's; they are
+    ``mem_kv[i]`` (``[B, M, 2D]``) when given, else computed from ``mem_x[i]`` (``[B, M, D]``, through the
+    block's norm1 and qkv) into ``kvm[i]`` (``[depth, B, M, 2D]``). ``kvc`` (``[depth, B, N, 2D]``) receives the
+    chunk's keys/values of every block.
+    """
+    depth, batch, n, dim = states.shape[0] - 1, states.shape[1], states.shape[2], states.shape[3]
+    m = 0 if mem_x is None else mem_x[0].shape[1]
+    if len(table.eps) != 2 * depth or dim != table.dim or not states.is_contiguous() or m + n > MAX_K:
+        raise ValueError(f"states {tuple(states.shape)} do not fit the {len(table.eps) // 2} blocks of dim {table.dim}")
+    if kvc is None:
+        kvc = states.new_empty(depth, batch, n, 2 * dim)
+    x_ptrs = (ctypes.c_void_p * depth)()
+    kv_ptrs = (ctypes.c_void_p * depth)()
+    keep = []
+    if m:
+        for i in range(depth):
+            given = None if mem_kv is None else mem_kv[i]
+            if given is not None:
+                given = given.contiguous()
+                keep.append(given)
+                kv_ptrs[i] = given.data_ptr()
+            else:
+                x = mem_x[i].contiguous()
+                keep.append(x)
+                x_ptrs[i] = x.data_ptr()
+        if kvm is None and any(ptr is None for ptr in kv_ptrs):
+            raise ValueError("kvm is needed when a block's memory keys/values are computed")
+    status = _LIBRARY.lib().vit_blocks(depth, batch, n, m, dim, table.heads, table.hidden, ctypes.addressof(table.pointers),
+                                       ctypes.addressof(table.eps), states.data_ptr(), ctypes.addressof(x_ptrs),
+                                       ctypes.addressof(kv_ptrs), _pointer(kvm), kvc.data_ptr(),
+                                       _threads((batch * n + 5) // 6, MIN_TILES_PER_THREAD))
+    if status:
+        raise MemoryError("vit_blocks could not allocate its scratch")
+
+
+def gelu(x: Tensor) -> Tensor:
+    """The kernel's GELU of a float32 tensor with a multiple of 16 elements (for tests)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _LIBRARY.lib().gelu_f32(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
