@@ -101,6 +101,144 @@ def test_registered_default_config_size():
     assert model.describe()["streaming"] is True
 
 
+# ------------------------------------------------------------------------------------------ folded inference
+def _random_batchnorms(model: TymNet, seed: int = 1) -> TymNet:
+    """Non-trivial BatchNorm affine parameters and running statistics (a fresh model's are 1/0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            n = bn.num_features
+            bn.weight.copy_(1 + 0.3 * torch.randn(n, generator=g))
+            bn.bias.copy_(0.2 * torch.randn(n, generator=g))
+            bn.running_mean.copy_(0.5 * torch.randn(n, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model
+
+
+def _outputs(model: TymNet, features: torch.Tensor, fold: bool) -> list[torch.Tensor]:
+    """Every eval entry point, folded or through the modules."""
+    model.folded_inference = fold
+    try:
+        emb = model.embed(features, windows_per_batch=1)  # > 16 patches: several passes
+        patches = TymNet.patches(features).reshape(-1, 96, 64)
+        chunk = torch.linspace(-0.3, 0.3, 7680)[None].repeat(features.shape[0], 1)
+        step, _ = model.step(chunk, model.init_state(features.shape[0]))
+        logits, pooled, _ = model.patch_outputs(patches)
+        return [model(features), model.frame_logits(features), emb.scene, emb.frames, logits, pooled, step]
+    finally:
+        del model.folded_inference
+
+
+@pytest.fixture(scope="module")
+def long_features(dog) -> torch.Tensor:
+    clip = np.concatenate([dog, dog[::-1], dog])  # 15 s: 30 patches
+    return YAMNetLogMel()(torch.from_numpy(np.stack([clip, clip[::-1].copy()])))
+
+
+@pytest.mark.parametrize("stem_stride", [4, 2])
+@torch.no_grad()
+def test_folded_eval_equals_the_modules(long_features, stem_stride):
+    """Eval mode folds each BatchNorm into its convolution (the stem's tiles and the pointwise convolutions as
+    matmuls): every output equals the plain conv -> BN -> ReLU modules', and the state dict keeps its keys."""
+    torch.manual_seed(0)
+    model = _random_batchnorms(create_model("tymnet-s", stem_stride=stem_stride)).eval()
+    keys = list(model.state_dict())
+    for folded, plain in zip(_outputs(model, long_features, True), _outputs(model, long_features, False)):
+        torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == keys and not any("fold" in k for k in keys)
+
+
+@torch.no_grad()
+def test_folded_weights_follow_every_change(long_features):
+    """The cached folded weights are rebuilt whenever what they are computed from changes after a first eval call."""
+    torch.manual_seed(0)
+    model = _random_batchnorms(create_model("tymnet-s")).eval()
+    features = long_features[:1, :400]
+
+    def check() -> torch.Tensor:
+        folded = _outputs(model, features, True)[0]
+        torch.testing.assert_close(folded, _outputs(model, features, False)[0], atol=1e-5, rtol=1e-5)
+        return folded
+
+    before = check()
+    model.blocks[2].bn1.running_var.mul_(3.0)  # in place (version counter)
+    after = check()
+    assert not torch.allclose(before, after)
+    model.blocks[0].pw.weight = torch.nn.Parameter(model.blocks[0].pw.weight * 0.5)  # a new parameter
+    check()
+    model.stem_bn.bias.data = model.stem_bn.bias.data + 1.0  # new storage, same parameter
+    check()
+    model.blocks[4].bn2.eps = 0.5
+    check()
+    model.blocks[5] = _random_batchnorms(create_model("tymnet-s"), seed=2).blocks[5]  # a new module...
+    check()  # ... in training mode: its BatchNorms use batch statistics, so nothing is folded
+    model.blocks[5].eval()
+    check()
+    model.load_state_dict(_random_batchnorms(create_model("tymnet-s"), seed=3).state_dict())
+    check()
+    with torch.inference_mode():  # state loaded in place under inference mode: the version still moves
+        model.load_state_dict(_random_batchnorms(create_model("tymnet-s"), seed=4).state_dict())
+    check()
+    model.double()
+    folded = _outputs(model, features.double(), True)[0]
+    assert folded.dtype == torch.float64
+    torch.testing.assert_close(folded, _outputs(model, features.double(), False)[0])
+
+
+def test_folded_eval_keeps_gradients(long_features):
+    """Under autograd the folded weights are computed afresh: parameter gradients equal the modules'; with frozen
+    weights (saliency), the cached weights (built under inference mode) take an input gradient."""
+    torch.manual_seed(0)
+    model = _random_batchnorms(create_model("tymnet-s")).eval()
+    features = long_features[:1, :200]
+    grads = []
+    for fold in (True, False):
+        model.zero_grad()
+        model.folded_inference = fold
+        model(features).sum().backward()
+        grads.append([model.stem.weight.grad.clone(), model.blocks[3].bn2.weight.grad.clone()])
+    del model.folded_inference
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    model.requires_grad_(False)
+    with torch.inference_mode():
+        model(features)  # caches the folded weights
+    x = features.clone().requires_grad_()
+    model(x).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_model_built_under_inference_mode(long_features):
+    """Parameters made under inference mode keep no version counter: nothing is cached, outputs stay exact."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = _random_batchnorms(create_model("tymnet-s")).eval()
+        features = long_features[:1, :300]
+        first = _outputs(model, features, True)[0]
+        model.stem_bn.running_mean.add_(1.0)
+        torch.testing.assert_close(_outputs(model, features, True)[0], _outputs(model, features, False)[0])
+        assert not torch.allclose(first, _outputs(model, features, True)[0])
+
+
+def test_train_mode_runs_the_modules(long_features):
+    """model.train() is untouched: BatchNorm uses the batch's statistics and updates its running ones."""
+    torch.manual_seed(0)
+    model = create_model("tymnet-s").train()
+    before = model.stem_bn.running_mean.clone()
+    model(long_features[:, :300]).sum().backward()
+    assert not torch.equal(before, model.stem_bn.running_mean) and model.stem_bn.weight.grad is not None
+
+
+def test_frontend_magnitude_under_autograd(dog):
+    """With a waveform that requires grad the frontend keeps complex abs (finite gradients through silence)."""
+    x = torch.from_numpy(dog[:9000].copy())[None].requires_grad_()
+    features = YAMNetLogMel()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(features, YAMNetLogMel()(x.detach()), atol=1e-5, rtol=1e-5)
+    features.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+
+
 # ------------------------------------------------------------------------------------------ shipped weights
 shipped = pytest.mark.skipif(SHIPPED_SHA256 is None, reason="tymnet-s weights not shipped in tympan/assets")
 
