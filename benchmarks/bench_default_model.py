@@ -5,9 +5,12 @@
    patch embeddings), same protocol, same run. ESC-10 is never in the student's training corpus.
 2. **Agreement with the teacher** on the held-out corpus shards (source files never trained on):
    :func:`tympan.data.corpus.teacher_agreement` (clip mAP against YAMNet's top-3 labels, top-1 / top-5 match).
-3. **Speed**, tagging the 320 ESC-10 files end to end (decode, frontend, model, top-5 tags), one file at a time as
-   ``tympan tag`` does, on ``--threads`` threads: the student (torch) and YAMNet (onnxruntime + its numpy frontend),
-   interleaved file by file; each file's fastest of ``--repeats`` runs, summed (the machine is shared).
+3. **Speed**, tagging the 320 ESC-10 files end to end (decode, frontend, model, top-5 tags), one file at a time,
+   on ``--threads`` threads: the student through ``tympan tag``'s own path (:func:`tympan.inference.tagging.tag_file`:
+   streamed decode, the model's batched ``steps``, the final partial step, clip mean) and, as a second row, the
+   clip-level forward ``model(model.frontend(w))``; YAMNet through onnxruntime + its numpy frontend; interleaved
+   file by file; each file's fastest of ``--repeats`` runs, summed (the machine is shared). ``OMP_WAIT_POLICY`` (set
+   before the run; recorded) decides whether idle OpenMP threads spin or sleep.
 
     python benchmarks/bench_default_model.py [--weights tympan/assets/tymnet-s.safetensors]
         [--shards /work/cache/corpus/shards] [--threads 2] [--json out.json]
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,17 +50,22 @@ def fit(waveform: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def probe(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
+def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[str, Any]:
     rows = esc10_rows(shared)
     waves = [fit(audio.load(shared / "data" / "esc10" / "audio" / r["filename"])) for r in rows]
     labels = np.array([int(r["target_esc10"]) for r in rows])
     folds = np.array([int(r["fold"]) for r in rows])
     batch = torch.from_numpy(np.stack(waves))
-    student = torch.cat([model.embed(model.frontend(b)).scene for b in batch.split(32)]).numpy()
-    _, teacher = yamnet.clip(list(waves))
+    def scene(m: Any) -> np.ndarray:
+        return torch.cat([m.embed(m.frontend(b)).scene for b in batch.split(32)]).numpy()
+
+    embeddings = {"tymnet-s": scene(model)}
+    if previous is not None:
+        embeddings["tymnet-s/previous"] = scene(previous)
+    embeddings["yamnet"] = yamnet.clip(list(waves))[1]
     splits = fold_splits(folds)
     out: dict[str, Any] = {"clips": len(rows)}
-    for name, x in (("tymnet-s", student), ("yamnet", teacher)):
+    for name, x in embeddings.items():
         for method in ("knn", "linear"):
             result = evaluate(x, labels, splits, method=method)
             out[f"{name}/{method}"] = round(100 * result["mean"]["accuracy"], 2)
@@ -79,8 +88,14 @@ def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]
     files = [shared / "data" / "esc10" / "audio" / r["filename"] for r in esc10_rows(shared)]
     seconds = sum(audio.info(f).frames / audio.info(f).sample_rate for f in files)
 
+    from tympan.inference.tagging import tag_file
+
     @torch.inference_mode()
-    def student(f: Path) -> None:
+    def student(f: Path) -> None:  # what `tympan tag` runs
+        tag_file(model, f).probs.topk(5)
+
+    @torch.inference_mode()
+    def student_clip(f: Path) -> None:
         w = torch.from_numpy(audio.load(f))[None]
         torch.sigmoid(model(model.frontend(w)))[0].topk(5)
 
@@ -88,7 +103,7 @@ def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]
         scores, _ = yamnet.clip(audio.load(f))
         np.argsort(scores)[-5:]
 
-    taggers = {"tymnet-s": student, "yamnet": teacher}
+    taggers = {"tymnet-s": student, "tymnet-s/clip-forward": student_clip, "yamnet": teacher}
     for fn in taggers.values():  # warm-up: caches, kernels
         fn(files[0])
     best = {k: np.full(len(files), np.inf) for k in taggers}
@@ -106,13 +121,17 @@ def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]
             **{f"{k}/seconds": round(v, 3) for k, v in total.items()},
             **{f"{k}/x_realtime": round(seconds / v) for k, v in total.items()},
             **{f"{k}/first_pass_seconds": round(v, 3) for k, v in first.items()},
-            "speedup_vs_yamnet": round(total["yamnet"] / total["tymnet-s"], 2)}  # fmt: skip
+            "speedup_vs_yamnet": round(total["yamnet"] / total["tymnet-s"], 2),
+            "speedup_vs_yamnet/clip-forward": round(total["yamnet"] / total["tymnet-s/clip-forward"], 2),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", default=None, help="tymnet-s safetensors (default: the shipped one)")
-    parser.add_argument("--shards", default="/work/cache/corpus/shards", help="corpus shards (held-out split)")
+    parser.add_argument("--weights", default=None, help="tymnet-s safetensors with its sidecar (default: the shipped one)")
+    parser.add_argument("--compare", default=None, help="another tymnet-s export (e.g. the previously shipped one): "
+                        "probe and agreement in the same run, as `<name>/previous`")
+    parser.add_argument("--shards", default="/work/cache/corpus/shards_v3", help="corpus shards (held-out split)")
     parser.add_argument("--shared", default=str(SHARED))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -123,16 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     from tympan.models.tymnet import load_shipped
     from tympan.teachers.yamnet import YAMNet
 
+    import tympan
+
     shared = Path(args.shared)
-    model = load_shipped(args.weights)
+    model = load_shipped() if args.weights is None else tympan.load(args.weights)
     yamnet = YAMNet(shared / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip", num_threads=args.threads)
     results: dict[str, Any] = {"threads": args.threads}
+    previous = tympan.load(args.compare) if args.compare else None
     if "probe" not in args.skip:
-        results["esc10_probe"] = probe(model, yamnet, shared)
+        results["esc10_probe"] = probe(model, yamnet, shared, previous)
         print("ESC-10 4-fold:", results["esc10_probe"], flush=True)
     if "agreement" not in args.skip and Path(args.shards).is_dir():
         results["heldout_agreement"] = agreement(model, Path(args.shards))
-        print("held-out agreement:", results["heldout_agreement"], flush=True)
+        if previous is not None:
+            results["heldout_agreement/previous"] = agreement(previous, Path(args.shards))
+        print("held-out agreement:", {k: v for k, v in results.items() if k.startswith("heldout")}, flush=True)
     if "speed" not in args.skip:
         results["speed"] = speed(model, yamnet, shared, args.repeats)
         print("speed:", results["speed"], flush=True)

@@ -3,6 +3,8 @@ the protocol's shapes, and the shipped weights (offline, SHA-256 checked, sensib
 
 from __future__ import annotations
 
+import copy
+
 import json
 import shutil
 
@@ -75,6 +77,37 @@ def test_streaming_equals_whole_clip_patches(small, dog):
     torch.testing.assert_close(torch.cat(streamed), whole, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="7680"):
         small.step(x[None, :100], state)
+    # steps: the same patches as one batch, from any state, ending in the same state
+    start = small.init_state(2)
+    both = torch.stack([x, x.flip(0)])[:, : chunks * 7680]
+    batched, after = small.steps(both, start)
+    assert batched.shape == (2, chunks, small.num_classes)
+    torch.testing.assert_close(batched[0], torch.cat(streamed), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[0][:1], state[0])
+    split, mid = small.steps(both[:, : 3 * 7680], start)  # 3 steps, then the rest from the state in between
+    rest, end = small.steps(both[:, 3 * 7680 :], mid)
+    torch.testing.assert_close(torch.cat([split, rest], 1), batched, atol=1e-5, rtol=1e-5)
+    assert torch.equal(end[0], after[0])
+    with pytest.raises(ValueError, match="7680"):
+        small.steps(both[:, :7000], start)
+
+
+@torch.no_grad()
+def test_streamer_tags_a_file_in_blocks_like_step_by_step(small, data_dir):
+    """The Streamer runs a block's steps in one `steps` call: same chunks and probabilities as one step at a time
+    (the protocol's default loop), whatever the block size."""
+    from tympan.inference.streaming import Streamer
+    from tympan.models.protocol import AudioModel
+
+    path = data_dir / "esc10" / "audio" / "1-100032-A-0.flac"
+    stepwise = copy.deepcopy(small)
+    stepwise.steps = AudioModel.steps.__get__(stepwise)  # the protocol's loop over `step`
+    reference = list(Streamer(stepwise, 2.0).run_file(path, block_seconds=0.3))
+    for seconds in (0.7, 60.0):
+        results = list(Streamer(small, 2.0).run_file(path, block_seconds=seconds))
+        assert [(r.start, r.end, r.partial) for r in results] == [(r.start, r.end, r.partial) for r in reference]
+        for got, want in zip(results, reference):
+            torch.testing.assert_close(got.output, want.output, atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Reduced-precision inference: one switch, ``fp32`` (default, exact), ``bf16`` or ``int8``, for every model.
 
 * ``fp32``: the model as it is; results equal the parity fixtures.
-* ``bf16``: the model's compute methods (``forward``, ``embed``, ``embed_waveform``, ``step``) run under
+* ``bf16``: the model's compute methods (``forward``, ``embed``, ``embed_waveform``, ``step``, ``steps``) run under
   ``torch.autocast`` in bfloat16 (matmuls, convolutions and attention through oneDNN's AVX-512 BF16 kernels;
   norms and softmax stay float32 as autocast lists them); outputs and streaming state come back float32. The
   frontend (called separately) stays float32. Weights are not touched, so the model saves and loads as before.
@@ -30,7 +30,7 @@ from tympan.ops import native
 __all__ = ["PRECISIONS", "Int8Linear", "quantize_linears", "with_precision", "precision_of"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
-_METHODS = ("forward", "embed", "embed_waveform", "step")
+_METHODS = ("forward", "embed", "embed_waveform", "step", "steps")
 INT8_MAX = 127.0
 
 

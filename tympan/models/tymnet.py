@@ -16,6 +16,7 @@ Distilled from YAMNet (521 AudioSet classes) on audio built here (``recipes/defa
 * embeddings: frame = per-patch embedding (hop 0.48 s, first centre 0.4875 s); scene = mean over patches.
 * streaming: ``chunk_samples = 7,680`` (0.48 s); the state is the previous 7,920 samples, so each step sees exactly
   one 15,600-sample patch: step ``k`` equals patch ``k`` of the whole clip left-padded with 7,920 zeros.
+  :meth:`TymNet.steps` runs many steps as one batch (how ``tympan tag`` and ``listen`` use it).
 """
 
 from __future__ import annotations
@@ -422,6 +423,17 @@ class TymNet(AudioModel):
         features = self.frontend(samples)  # exactly 96 frames: no padding needed
         logits = self.head(self._pooled(features[:, :PATCH_FRAMES], None)[:, 0])
         return logits, (samples[:, PATCH_HOP_SAMPLES:],)
+
+    def steps(self, block: Tensor, state: State) -> tuple[Tensor, State]:
+        """``k`` steps at once: ``[B, k * 7680]`` -> logits ``[B, k, C]`` (equal to ``k`` calls of :meth:`step`).
+
+        The state is only past samples, so the ``k`` patches are those of the state and the block joined: one
+        frontend pass and one batch through the backbone instead of ``k`` of each."""
+        if block.shape[-1] == 0 or block.shape[-1] % self.chunk_samples:
+            raise ValueError(f"steps takes a whole number of {self.chunk_samples}-sample chunks, got {block.shape[-1]}")
+        samples = torch.cat([state[0], block.float()], -1)  # 15,600 + (k - 1) * 7,680: no padding
+        pooled = self._pooled(self.frontend(samples), 256)  # [B, k, C]
+        return self.head(pooled), (samples[:, -(MIN_SAMPLES - PATCH_HOP_SAMPLES):],)
 
 
 def _build(**config: Any) -> TymNet:
