@@ -94,16 +94,17 @@ def test_streaming_equals_whole_clip_patches(small, dog):
 
 @torch.no_grad()
 def test_streamer_tags_a_file_in_blocks_like_step_by_step(small, data_dir):
-    """The Streamer runs a block's steps in one `steps` call: same chunks and probabilities as one step at a time
-    (the protocol's default loop), whatever the block size."""
+    """The Streamer runs a block's steps in one `steps` call, and a file's final partial step with the last block's:
+    same chunks and probabilities as one step at a time and a separate flush, whatever the block size."""
     from tympan.inference.streaming import Streamer
     from tympan.models.protocol import AudioModel
 
     path = data_dir / "esc10" / "audio" / "1-100032-A-0.flac"
     stepwise = copy.deepcopy(small)
     stepwise.steps = AudioModel.steps.__get__(stepwise)  # the protocol's loop over `step`
-    reference = list(Streamer(stepwise, 2.0).run_file(path, block_seconds=0.3))
-    for seconds in (0.7, 60.0):
+    reference = Streamer(stepwise, 2.0).run(torch.from_numpy(audio.load(path)))  # push, then flush: step by step
+    assert reference[-1].partial and len(reference) == 3
+    for seconds in (0.3, 0.7, 60.0):
         results = list(Streamer(small, 2.0).run_file(path, block_seconds=seconds))
         assert [(r.start, r.end, r.partial) for r in results] == [(r.start, r.end, r.partial) for r in reference]
         for got, want in zip(results, reference):

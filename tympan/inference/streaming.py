@@ -128,11 +128,8 @@ class Streamer:
     # ----------------------------------------------------------------------------------------- input
     def push(self, audio: Tensor | np.ndarray) -> list[ChunkResult]:
         """Append samples (``[n]`` for one stream, ``[streams, n]``); return the results of chunks completed now."""
-        audio = torch.as_tensor(np.asarray(audio) if not isinstance(audio, Tensor) else audio, dtype=torch.float32)
-        if audio.ndim == 1:
-            audio = audio[None]
-        if audio.ndim != 2 or audio.shape[0] != self.streams:
-            raise ValueError(f"expected audio [{self.streams}, n] (or [n] for one stream), got {tuple(audio.shape)}")
+        audio = self._check_streams(
+            torch.as_tensor(np.asarray(audio) if not isinstance(audio, Tensor) else audio, dtype=torch.float32))
         if self.streaming:
             return self._push_steps(audio)
         results = []
@@ -145,13 +142,23 @@ class Streamer:
                 results.append(self._run(self._take_pending(), partial=False))
         return results
 
+    def _check_streams(self, audio: Tensor) -> Tensor:
+        if audio.ndim == 1:
+            audio = audio[None]
+        if audio.ndim != 2 or audio.shape[0] != self.streams:
+            raise ValueError(f"expected audio [{self.streams}, n] (or [n] for one stream), got {tuple(audio.shape)}")
+        return audio
+
     @torch.no_grad()
-    def _push_steps(self, audio: Tensor) -> list[ChunkResult]:
+    def _push_steps(self, audio: Tensor, final: bool = False) -> list[ChunkResult]:
         """Streaming models: the samples are cut into whole model steps; every step this push completes runs in one
         ``model.steps`` call (one batch where the family vectorises it), then each chunk that filled up reports the
-        mean of the steps that ended inside it."""
+        mean of the steps that ended inside it.
+
+        ``final`` (the end of a recording, :meth:`run_blocks`): the final partial chunk that :meth:`flush` would
+        score joins the same call as one more zero-padded step; the stream then ends (``reset`` before reuse)."""
         completed: list[Tensor] = []
-        reports: list[tuple[int, int]] = []  # (steps completed before the report, samples in the chunk)
+        reports: list[tuple[int, int, bool]] = []  # (steps completed before it, samples in the chunk, partial)
         filled = self._chunk_filled
         while audio.shape[1]:
             take = min(self.chunk_samples - filled, self.step_samples - self._step_samples, audio.shape[1])
@@ -163,19 +170,29 @@ class Streamer:
                 completed.append(torch.cat(self._step, dim=1))
                 self._step, self._step_samples = [], 0
             if filled == self.chunk_samples:
-                reports.append((len(completed), filled))
+                reports.append((len(completed), filled, False))
                 filled = 0
+        if final and filled:
+            since_report = len(completed) - (reports[-1][0] if reports else 0) + (0 if reports else len(self._chunk_probs))
+            if filled > self.min_tail_samples or since_report:  # else dropped, as flush drops it
+                if self._step:  # the pending samples as one zero-padded step
+                    pending = torch.cat(self._step, dim=1)
+                    completed.append(torch.nn.functional.pad(pending, (0, self.step_samples - pending.shape[1])))
+                reports.append((len(completed), filled, True))
+            else:
+                self._offset += filled
+            self._step, self._step_samples, filled = [], 0, 0
         probs: list[Tensor] = []
         if completed:
             logits, self.state = self.model.steps(torch.cat(completed, dim=1).to(self._device()), self.state)
             # step by step: an activation's SIMD tail must not depend on how many steps a push completed
             probs = [self.model.probabilities(logits[:, j].contiguous()).float().cpu() for j in range(len(completed))]
         results, used = [], 0
-        for steps_before, chunk_filled in reports:
+        for steps_before, chunk_filled, partial in reports:
             self._chunk_probs.extend(probs[used:steps_before])
             used = steps_before
             self._chunk_filled = chunk_filled
-            results.append(self._report(partial=False))
+            results.append(self._report(partial=partial))
         self._chunk_probs.extend(probs[used:])
         self._chunk_filled = filled
         return results
@@ -226,11 +243,26 @@ class Streamer:
         return self.push(audio) + self.flush()
 
     def run_blocks(self, blocks: Iterable[Tensor | np.ndarray]) -> Iterator[ChunkResult]:
-        """Results of a recording given as consecutive blocks (bounded memory); resets first, flushes last."""
+        """Results of a recording given as consecutive blocks (bounded memory); resets first, flushes last.
+
+        A streaming model scores the final partial chunk in the same ``steps`` call as the last block's steps (one
+        block of look-ahead), so the recording's end costs no extra model call; the stream has then ended."""
         self.reset()
+        if not self.streaming:
+            for block in blocks:
+                yield from self.push(block)
+            yield from self.flush()
+            return
+        held = None
         for block in blocks:
-            yield from self.push(block)
-        yield from self.flush()
+            if held is not None:
+                yield from self.push(held)
+            held = block
+        if held is None:
+            yield from self.flush()
+            return
+        audio = torch.as_tensor(np.asarray(held) if not isinstance(held, Tensor) else held, dtype=torch.float32)
+        yield from self._push_steps(self._check_streams(audio), final=True)
 
     def run_file(self, path: str | os.PathLike, block_seconds: float = 30.0) -> Iterator[ChunkResult]:
         """Stream a (possibly hour-long) audio file, mono at 16 kHz, in ``block_seconds`` reads."""
