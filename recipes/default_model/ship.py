@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import hashlib
 import io
 import json
 import sys
@@ -24,10 +23,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "tympan" / "assets"
+
+
+def _relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                    "teacher weights included; labels: AudioSet ontology (CC BY-SA 4.0)",
         "notice": "NOTICE.tymnet-s.md",
         "training": {"steps": int(ckpt["step"]), "minutes_one_thread": round(float(ckpt["seconds"]) / 60, 1),
-                     "batch_size": recipe["train"]["batch_size"], "recipe": "recipes/default_model.yaml",
+                     "batch_size": recipe["train"]["batch_size"], "recipe": _relative(args.recipe),
+                     "init": recipe["train"].get("init"), "online_teacher": recipe["train"].get("online_teacher"),
                      "heldout_agreement": metrics[-1] if metrics else None},
     }
     if args.bench:
@@ -77,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         f.write(buffer.getvalue().encode())
     licences = Counter(m["license"] for m in manifest if m["source"] != "mixture")
     table = (shards / "corpus_table.md").read_text()
+    init = recipe["train"].get("init")
+    warm = f", warm-started from an earlier export of the same model, `{Path(init).name}`" if init else ""
     notice = f"""# NOTICE: tymnet-s (the default model)
 
-Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`recipes/default_model.yaml`) and
+Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`{_relative(args.recipe)}`{warm}) and
 released with it (BSD-3-Clause). Whether trained weights are a derivative work of their training audio is not
 settled; some of that audio is GPL-2+ or CC BY-SA, so every licence and file is listed here for users who must decide.
 
