@@ -315,14 +315,24 @@ def _top_group(model: TymNet, probs: torch.Tensor) -> str:
 @shipped
 @torch.no_grad()
 def test_shipped_model_tags_make_sense(data_dir):
-    """Clips never trained on: an ESC-10 dog (animal) and rain (nature) clip, a spoken digit (speech)."""
+    """Clips never trained on: for six ESC-10 classes most clips' best specific tag lies in the class's AudioSet
+    group (whole classes, not single clips: one clip may go either way), and a spoken digit is speech."""
+    import csv
+
     model = load_shipped()
-    cases = {"esc10/audio/1-100032-A-0.flac": "animal", "esc10/audio/1-17367-A-10.flac": "nature",
-             "fsdd/recordings/0_george_5.wav": "speech"}  # fmt: skip
-    for path, expected in cases.items():
-        waveform = torch.from_numpy(audio.load(data_dir / path))[None]
+    expected = {"dog": "animal", "rooster": "animal", "rain": "nature", "sea_waves": "nature",
+                "crying_baby": "human", "helicopter": "vehicle"}  # fmt: skip
+    with open(data_dir / "esc10" / "esc10.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in expected]
+    hits = {category: [] for category in expected}
+    for row in rows:
+        waveform = torch.from_numpy(audio.load(data_dir / "esc10" / "audio" / row["filename"]))[None]
         probs = torch.sigmoid(model.frame_logits(model.frontend(waveform)))[0].max(0).values
-        assert _top_group(model, probs) == expected, path
+        hits[row["category"]].append(_top_group(model, probs) == expected[row["category"]])
+    shares = {category: sum(h) / len(h) for category, h in hits.items()}
+    assert all(len(h) >= 20 for h in hits.values()) and min(shares.values()) >= 0.6, shares
+    digit = torch.from_numpy(audio.load(data_dir / "fsdd" / "recordings" / "0_george_5.wav"))[None]
+    assert _top_group(model, torch.sigmoid(model.frame_logits(model.frontend(digit)))[0].max(0).values) == "speech"
 
 
 @shipped

@@ -442,7 +442,7 @@ def _build(**config: Any) -> TymNet:
 
 WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "tymnet-s.safetensors"
 # SHA-256 of the shipped weights (package data); set when recipes/default_model/ship.py ships a new file
-SHIPPED_SHA256: str | None = "af951dcc55ae0a49c292b41349d535d31c3bf1e368ea026079ab735071056943"
+SHIPPED_SHA256: str | None = "3bfa30e5506d4ee373e0d981392f2229ba7e810b0d1b264d588273a1b1844c83"
 
 
 def _shipped_weights() -> Weights | None:
