@@ -267,6 +267,26 @@ def test_tag_with_no_model_uses_the_default_model(capsys):
     assert record["chunks"][0]["tags"][0]["label"]
 
 
+def test_tag_threads_follow_the_flag_else_the_models_hint(capsys):
+    """The default model's ops are too small to split: `tag` runs it on one thread unless --threads says otherwise;
+    a model without a hint keeps torch's default; --threads 0 is a one-line usage error."""
+    import torch
+
+    clip = str(REPO / "tympan" / "assets" / "demo_digits_16k.flac")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["tag", clip, "--format", "json"]) == 0 and torch.get_num_threads() == 1
+        assert main(["tag", clip, "--format", "json", "--threads", "2"]) == 0 and torch.get_num_threads() == 2
+        assert main(["tag", clip, "--model", "sat-tiny-2s", "--random", "--format", "json"]) == 0
+        assert torch.get_num_threads() == 2  # no hint: left as it was
+        capsys.readouterr()
+        assert main(["tag", clip, "--threads", "0"]) == 2
+        assert capsys.readouterr().err.strip() == "tympan tag: error: --threads must be at least 1"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_tag_labels_flag_names_the_classes_and_is_checked(tmp_path, data_dir, sat_checkpoint, capsys):
     """Item 8: --labels CSV for a model without label names; a wrong number of rows is a one-line usage error."""
     clip = str(sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[0])

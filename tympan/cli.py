@@ -230,7 +230,28 @@ def _load_model(args: argparse.Namespace):
         model = tympan.create_model(model_id, **overrides).eval()
     else:
         model = tympan.load(model_id, checkpoint=args.checkpoint, **overrides)
+    _apply_threads(args, model)
     return _apply_precision(model, getattr(args, "precision", "fp32"))
+
+
+def _add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: what the model runs fastest on, e.g. 1 for the small default model "
+                   "whose ops are too small to split; all cores for the large ones)")  # fmt: skip
+
+
+def _apply_threads(args: argparse.Namespace, model) -> None:
+    """Commands with ``--threads``: the flag, else the model's ``inference_threads`` hint, else torch's default."""
+    if not hasattr(args, "threads"):
+        return
+    threads = args.threads
+    if threads is not None and threads < 1:
+        raise UserError("--threads must be at least 1")
+    threads = threads if threads is not None else getattr(model, "inference_threads", None)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _add_precision_argument(p: argparse.ArgumentParser) -> None:
@@ -294,6 +315,7 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
                    help="class-label CSV (index,mid,display_name) for a model that carries no label names")
     _add_backend_arguments(p)
     _add_precision_argument(p)
+    _add_threads_argument(p)
     p.add_argument(
         "--plot", type=Path, metavar="OUT.png",
         help="save the per-chunk probabilities of the top classes over time (one PNG per file: OUT_<name>.png "
@@ -677,6 +699,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_arguments(p)
     _add_precision_argument(p)
+    _add_threads_argument(p)
 
 
 def _run_embed(args: argparse.Namespace) -> int:

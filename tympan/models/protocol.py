@@ -20,6 +20,8 @@ interface and icefall's explicit streaming state:
 * streaming models (``model.streaming``): ``init_state(batch)`` and ``step(chunk, state) -> (logits, state)`` on
   waveform chunks of ``chunk_samples``; the state is a tuple of tensors, so it exports and crosses processes.
   ``init_state(batch, warm=False)`` gives an empty state (tensors with no memory entries).
+* ``model.inference_threads``: the CPU thread count one stream runs fastest on, or ``None`` (all cores); tools use
+  it when the user names none (a model of tiny ops loses more to thread hand-offs than it gains).
   ``steps(block, state) -> (logits [B, k, C], state)`` runs ``k`` consecutive steps of a block of ``k`` chunks
   (what the Streamer calls on a file or a microphone buffer); by default a loop over ``step``, vectorised by
   families whose steps can run as one batch (TymNet: the state is only past samples).
@@ -88,6 +90,7 @@ class AudioModel(nn.Module):
     min_samples: int = 1
     streaming: bool = False
     chunk_samples: int | None = None
+    inference_threads: int | None = None
     activation: str = "sigmoid"
     label_source: str | None = None  # a label set name ("audioset") or CSV path; generic class names otherwise
     classifier: str | None = None
