@@ -157,36 +157,32 @@ class Streamer:
 
         ``final`` (the end of a recording, :meth:`run_blocks`): the final partial chunk that :meth:`flush` would
         score joins the same call as one more zero-padded step; the stream then ends (``reset`` before reuse)."""
-        completed: list[Tensor] = []
-        reports: list[tuple[int, int, bool]] = []  # (steps completed before it, samples in the chunk, partial)
-        filled = self._chunk_filled
-        while audio.shape[1]:
-            take = min(self.chunk_samples - filled, self.step_samples - self._step_samples, audio.shape[1])
-            self._step.append(audio[:, :take])
-            self._step_samples += take
-            filled += take
-            audio = audio[:, take:]
-            if self._step_samples == self.step_samples:
-                completed.append(torch.cat(self._step, dim=1))
-                self._step, self._step_samples = [], 0
-            if filled == self.chunk_samples:
-                reports.append((len(completed), filled, False))
-                filled = 0
+        step, chunk = self.step_samples, self.chunk_samples
+        pending, incoming = self._step_samples, audio.shape[1]
+        joined = torch.cat([*self._step, audio], dim=1) if self._step else audio
+        count = joined.shape[1] // step  # steps completed now; step j ends at push offset (j + 1) * step - pending
+        completed, rest = joined[:, : count * step], joined[:, count * step :]
+        # the step in progress: a copy, not a view that keeps the whole block alive
+        self._step, self._step_samples = ([rest.clone()] if rest.shape[1] else []), rest.shape[1]
+        # chunk i of this push ends at push offset (chunk - filled) + i * chunk; a step ending there counts before it
+        ends = [chunk - self._chunk_filled + i * chunk for i in range((self._chunk_filled + incoming) // chunk)]
+        reports = [(min(count, (end + pending) // step), chunk, False) for end in ends]  # (steps before, size, partial)
+        filled = (self._chunk_filled + incoming) % chunk
         if final and filled:
-            since_report = len(completed) - (reports[-1][0] if reports else 0) + (0 if reports else len(self._chunk_probs))
+            since_report = count - reports[-1][0] if reports else count + len(self._chunk_probs)
             if filled > self.min_tail_samples or since_report:  # else dropped, as flush drops it
-                if self._step:  # the pending samples as one zero-padded step
-                    pending = torch.cat(self._step, dim=1)
-                    completed.append(torch.nn.functional.pad(pending, (0, self.step_samples - pending.shape[1])))
-                reports.append((len(completed), filled, True))
+                if rest.shape[1]:  # the pending samples as one zero-padded step
+                    padded = torch.nn.functional.pad(rest, (0, step - rest.shape[1]))
+                    completed, count = torch.cat([completed, padded], dim=1), count + 1
+                reports.append((count, filled, True))
             else:
                 self._offset += filled
             self._step, self._step_samples, filled = [], 0, 0
         probs: list[Tensor] = []
-        if completed:
-            logits, self.state = self.model.steps(torch.cat(completed, dim=1).to(self._device()), self.state)
+        if count:
+            logits, self.state = self.model.steps(completed.to(self._device()), self.state)
             # step by step: an activation's SIMD tail must not depend on how many steps a push completed
-            probs = [self.model.probabilities(logits[:, j].contiguous()).float().cpu() for j in range(len(completed))]
+            probs = [self.model.probabilities(logits[:, j].contiguous()).float().cpu() for j in range(count)]
         results, used = [], 0
         for steps_before, chunk_filled, partial in reports:
             self._chunk_probs.extend(probs[used:steps_before])
