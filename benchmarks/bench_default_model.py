@@ -6,14 +6,15 @@
 2. **Agreement with the teacher** on the held-out corpus shards (source files never trained on):
    :func:`tympan.data.corpus.teacher_agreement` (clip mAP against YAMNet's top-3 labels, top-1 / top-5 match).
 3. **Speed**, tagging the 320 ESC-10 files end to end (decode, frontend, model, top-5 tags), one file at a time,
-   on ``--threads`` threads: the student through ``tympan tag``'s own path (:func:`tympan.inference.tagging.tag_file`:
-   streamed decode, the model's batched ``steps``, the final partial step, clip mean) and, as a second row, the
+   YAMNet on ``--threads`` threads, the student on those `tympan tag` gives it (its ``inference_threads`` hint,
+   at most ``--threads``; ``--student-threads`` overrides): the student through ``tympan tag``'s own path
+   (:func:`tympan.inference.tagging.tag_file`: streamed decode, the model's batched ``steps``, the final partial step, clip mean) and, as a second row, the
    clip-level forward ``model(model.frontend(w))``; YAMNet through onnxruntime + its numpy frontend; interleaved
    file by file; each file's fastest of ``--repeats`` runs, summed (the machine is shared). ``OMP_WAIT_POLICY`` (set
    before the run; recorded) decides whether idle OpenMP threads spin or sleep.
 
-    python benchmarks/bench_default_model.py [--weights tympan/assets/tymnet-s.safetensors]
-        [--shards /work/cache/corpus/shards] [--threads 2] [--json out.json]
+    python benchmarks/bench_default_model.py [--weights EXPORT.safetensors] [--compare PREVIOUS.safetensors]
+        [--shards /work/cache/corpus/shards_v3] [--threads 2] [--student-threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="/work/cache/corpus/shards_v3", help="corpus shards (held-out split)")
     parser.add_argument("--shared", default=str(SHARED))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--student-threads", type=int, default=None,
+                        help="torch threads for the speed rows (default: as `tympan tag`, the model's hint)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "agreement", "speed"])
     parser.add_argument("--json", default=None)
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             results["heldout_agreement/previous"] = agreement(previous, Path(args.shards))
         print("held-out agreement:", {k: v for k, v in results.items() if k.startswith("heldout")}, flush=True)
     if "speed" not in args.skip:
+        # the student on the threads `tympan tag` gives it on a machine of --threads cores: its hint (tymnet-s: 1)
+        student_threads = args.student_threads or min(args.threads, model.inference_threads or args.threads)
+        torch.set_num_threads(student_threads)
+        results["student_threads"] = student_threads
         results["speed"] = speed(model, yamnet, shared, args.repeats)
         print("speed:", results["speed"], flush=True)
     if args.json:
