@@ -49,7 +49,8 @@ def as_waveform(waveform: Any, name: str = "waveform") -> Tensor:
     elif dtype not in (torch.float32, torch.float64):  # half precision: compute in float32
         waveform = waveform.to(torch.float32)
     if not _tracing():
-        peak = float(waveform.detach().abs().max())
+        low, high = torch.aminmax(waveform.detach())  # one pass, no |x| temporary; NaN propagates to both
+        peak = max(-float(low), float(high))
         if not math.isfinite(peak):
             raise InputError(f"{name}: non-finite samples (NaN or inf)")
         if peak > MAX_PEAK:

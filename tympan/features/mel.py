@@ -180,8 +180,8 @@ def mel_spectrogram(
         center=center, pad_mode=pad_mode, normalized=False, onesided=True, return_complex=True,
     )
     if power == 2.0:
-        parts = torch.view_as_real(stft)
-        spectrum = parts[..., 0].square() + parts[..., 1].square()
+        squares = torch.view_as_real(stft).square()  # one pass over (re, im) pairs, then re^2 + im^2 (same sums)
+        spectrum = squares[..., 0] + squares[..., 1]
     else:
         spectrum = stft.abs().pow(power)
     banks = _filterbank(n_fft // 2 + 1, float(f_min), f_max, n_mels, int(sample_rate), norm, mel_scale, waveform.device, waveform.dtype)

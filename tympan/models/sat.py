@@ -297,11 +297,13 @@ class SAT(SpectrogramTransformer):
 
     def forward_spectrogram(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The original's chunk handling: a spectrogram longer than ``target_length`` runs as sequential pieces
-        carrying the cache, a short last piece is skipped (``pad_last=False``), piece outputs are combined."""
-        if spec.shape[-1] <= self.target_length:
-            return self.step_spectrogram(spec, cache)
+        carrying the cache, a short last piece is skipped (``pad_last=False``), piece outputs are combined; one piece
+        (a streaming chunk's ``target_length + 1`` frames) gives its own logits, what the combination round-trips to."""
+        pieces = spec.shape[-1] // self.target_length
+        if pieces <= 1:
+            return self.step_spectrogram(spec[..., : self.target_length], cache)
         outputs = []
-        for piece in spec.split(self.target_length, dim=-1)[: spec.shape[-1] // self.target_length]:
+        for piece in spec.split(self.target_length, dim=-1)[:pieces]:
             logits, cache = self.step_spectrogram(piece, cache)
             outputs.append(logits)
         return combine_piece_logits(torch.stack(outputs), self.eval_avg), cache
