@@ -193,6 +193,26 @@ def test_gradients_flow_through_every_frontend():
         assert waveform.grad is not None and torch.isfinite(waveform.grad).all() and waveform.grad.abs().sum() > 0
 
 
+def test_frontends_serve_gradients_after_a_first_call_under_inference_mode():
+    """The cached windows and filterbanks are built outside inference mode: tagging first (inference_mode), then a
+    training forward with gradients, in one process (the cache used to hold inference tensors: an error)."""
+    from tympan.features import kaldi, mel
+
+    for cached in (mel.mel_filterbank, mel._filterbank, mel.spectrogram_window, kaldi.kaldi_window,
+                   kaldi.kaldi_mel_banks, kaldi._kaldi_filterbank):  # fmt: skip
+        cached.cache_clear()
+    waveform = _signal(4000, 16000, batch=(2,))
+    names = ("ast-fbank", "dasheng-mel", "ssam-mel")
+    with torch.inference_mode():
+        for name in names:
+            get_frontend(name)(waveform)
+    trainable = waveform.clone().requires_grad_()
+    for name in names:
+        trainable.grad = None
+        get_frontend(name)(trainable).sum().backward()
+        assert trainable.grad is not None and trainable.grad.abs().sum() > 0, name
+
+
 def test_grad_and_no_grad_paths_agree():
     waveform = _signal(16000, 16000, batch=(2,))
     with torch.no_grad():

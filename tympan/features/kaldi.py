@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from tympan.errors import InputError
 from tympan.features.checks import as_waveform
-from tympan.features.mel import Filterbank
+from tympan.features.mel import Filterbank, constant_cache
 
 __all__ = [
     "KaldiFbank",
@@ -69,7 +68,7 @@ def kaldi_num_frames(num_samples: int, window_size: int, window_shift: int, snip
     return (num_samples + window_shift // 2) // window_shift
 
 
-@lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def kaldi_window(window_type: str, window_size: int, blackman_coeff: float = 0.42, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Kaldi's analysis windows (all symmetric, i.e. ``periodic=False``), computed in ``dtype`` as torchaudio
     does; cached, do not modify in place."""
@@ -105,7 +104,7 @@ def _vtln_warp_freq(freq: Tensor, vtln_low: float, vtln_high: float, low_freq: f
     return torch.where((freq < low_freq) | (freq > high_freq), freq, warped)
 
 
-@lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def kaldi_mel_banks(
     num_mel_bins: int,
     fft_size: int,
@@ -160,7 +159,7 @@ def kaldi_mel_banks(
     return banks.t().contiguous().to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def _kaldi_filterbank(*args) -> Filterbank:
     return Filterbank(kaldi_mel_banks(*args))
 

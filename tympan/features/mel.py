@@ -7,13 +7,35 @@ torchaudio is being retired, so tympan owns exact re-implementations. Filter ban
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import lru_cache
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from tympan.errors import InputError
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def constant_cache(maxsize: int = 64) -> Callable[[_F], _F]:
+    """``lru_cache`` for builders of constant tensors (windows, filterbanks). They are built outside inference mode
+    and autograd: a cache first filled under ``torch.inference_mode()`` (tagging) must still serve a later forward
+    that needs gradients (training), which inference tensors cannot."""
+
+    def wrap(fn: _F) -> _F:
+        @lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args: Any, **kwargs: Any) -> Any:
+            with torch.inference_mode(False), torch.no_grad():
+                return fn(*args, **kwargs)
+
+        return cached  # type: ignore[return-value]
+
+    return wrap
 
 __all__ = [
     "AmplitudeToDB",
@@ -75,7 +97,7 @@ def _mel_to_hz(mel: Tensor, mel_scale: str) -> Tensor:
     return torch.where(mel >= 15.0, log_part, linear)
 
 
-@lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def mel_filterbank(
     n_freqs: int,
     f_min: float,
@@ -113,13 +135,13 @@ def mel_filterbank(
     return banks.to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def _filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int, norm: str | None,
                 mel_scale: str, device: torch.device, dtype: torch.dtype) -> Filterbank:
     return Filterbank(mel_filterbank(n_freqs, f_min, f_max, n_mels, sample_rate, norm, mel_scale, device, dtype))
 
 
-@lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def spectrogram_window(window: str, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     if window == "hann":
         return torch.hann_window(length, periodic=True, device=device, dtype=dtype)
