@@ -54,6 +54,41 @@ def test_fused_steps_equal_reference_over_a_stream(sat, chunks, monkeypatch):
     _assert_close(fused, _stream(sat, chunks, False, monkeypatch))
 
 
+def test_threads_sharing_one_model_keep_their_own_memo(sat, chunks, monkeypatch):
+    """Two threads stream different audio through one model at once (a server's request threads): each thread's
+    steps equal the same stream run alone, and after both have stepped each still finds its own keys/values in the
+    memo (per thread: another thread's step neither evicts them nor is paired with them)."""
+    import threading
+
+    streams = {"a": chunks, "b": chunks[::-1]}
+    alone = {name: _stream(sat, c, True, monkeypatch) for name, c in streams.items()}
+    results: dict[str, list] = {}
+    hits: dict[str, list[bool]] = {name: [] for name in streams}
+    barrier = threading.Barrier(2, timeout=120)  # a failing thread breaks it instead of hanging the other
+
+    def run(name: str) -> None:
+        with torch.inference_mode():
+            state, out = sat.init_state(1), []
+            for _ in range(2):  # the same stream twice over, in lockstep with the other thread's steps
+                for chunk in streams[name]:
+                    logits, state = sat.step(chunk, state)
+                    out.append((logits, state[0]))
+                    barrier.wait()  # both threads have stored their step's keys/values
+                    hits[name].append(sat._kv_memo.lookup(state[0], sat._memo_key()) is not None)
+                    barrier.wait()
+                state = sat.init_state(1)
+        results[name] = out
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in streams:
+        _assert_close(results[name], alone[name] * 2)
+        assert all(hits[name]), hits
+
+
 def test_short_chunk_cold_state_and_batch(sat, chunks, monkeypatch):
     short = [chunks[0], chunks[1][:, :5000], chunks[2]]  # a short chunk keeps part of the re-positioned memory
     _assert_close(_stream(sat, short, True, monkeypatch), _stream(sat, short, False, monkeypatch))

@@ -39,6 +39,7 @@ model (the converter then cuts ``time_pos_embed`` as the original ``load_state_d
 from __future__ import annotations
 
 import operator
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -65,30 +66,44 @@ class KVMemo:
     """The K/V memo of :meth:`SAT.stream_features`: the memory keys/values of blocks 1.. for the cache the last
     inference step returned (those blocks' memory is that step's block inputs, whose keys/values it computed).
 
-    One slot held by the model with a private copy of that cache: a later step whose cache equals it (the state the
-    step returned, or a copy of it) under unchanged weights reuses the keys/values; any other cache (another
-    stream's, an edited one) or changed weights miss and recompute them. Never part of the state (its format is
-    unchanged), never copied or pickled with the model.
+    One slot per thread, held by the model with a private copy of that cache: a later step whose cache equals it (the
+    state the step returned, or a copy of it) under unchanged weights reuses the keys/values; any other cache
+    (another stream's, an edited one) or changed weights miss and recompute them. Per thread, so that a model shared
+    by several threads (a server's request threads) never pairs one thread's keys/values with a cache another thread
+    is overwriting. Never part of the state (its format is unchanged), never copied or pickled with the model.
     """
 
     def __init__(self) -> None:
-        self._slot: tuple[Tensor, tuple[int, ...], list[Tensor]] | None = None
+        self._local = threading.local()  # .slot: (cache copy, weights key, values); .spare: the copy buffer before
 
     def lookup(self, cache: Tensor | None, key: tuple[int, ...] | None) -> list[Tensor] | None:
         """The stored keys/values when ``cache`` equals the stored cache and the weights have ``key``."""
-        if cache is None or key is None or self._slot is None:
+        slot = getattr(self._local, "slot", None)
+        if cache is None or key is None or slot is None:
             return None
-        stored, stored_key, values = self._slot
+        stored, stored_key, values = slot
         if stored_key != key or stored.shape != cache.shape or stored.dtype != cache.dtype:
             return None
         return values if torch.equal(stored, cache) else None
 
     def store(self, cache: Tensor, key: tuple[int, ...] | None, values: list[Tensor]) -> None:
         """Remember ``values`` (one ``[B, M, 2D]`` tensor per block 1..) for a copy of ``cache``."""
-        self._slot = None if key is None else (cache.clone(), key, values)
+        local = self._local
+        slot = getattr(local, "slot", None)
+        if key is None:
+            local.slot = None
+            return
+        spare = getattr(local, "spare", None)
+        if (spare is None or spare.shape != cache.shape or spare.dtype != cache.dtype or spare.device != cache.device
+                or (spare.is_inference() and not torch.is_inference_mode_enabled())):
+            spare = torch.empty_like(cache, memory_format=torch.contiguous_format)
+        spare.copy_(cache)
+        local.spare = None if slot is None else slot[0]  # the slot being replaced stays intact until now
+        local.slot = (spare, key, values)
 
     def clear(self) -> None:
-        self._slot = None
+        """Forget this thread's slot."""
+        self._local.slot = self._local.spare = None
 
     def __reduce__(self) -> tuple[type, tuple]:
         return (KVMemo, ())
