@@ -159,11 +159,16 @@ class Streamer:
         score joins the same call as one more zero-padded step; the stream then ends (``reset`` before reuse)."""
         step, chunk = self.step_samples, self.chunk_samples
         pending, incoming = self._step_samples, audio.shape[1]
-        joined = torch.cat([*self._step, audio], dim=1) if self._step else audio
-        count = joined.shape[1] // step  # steps completed now; step j ends at push offset (j + 1) * step - pending
-        completed, rest = joined[:, : count * step], joined[:, count * step :]
-        # the step in progress: a copy, not a view that keeps the whole block alive
-        self._step, self._step_samples = ([rest.clone()] if rest.shape[1] else []), rest.shape[1]
+        count = (pending + incoming) // step  # steps completed now; step j ends at push offset (j + 1) * step - pending
+        if count or final:
+            joined = torch.cat([*self._step, audio], dim=1) if self._step else audio
+            completed, rest = joined[:, : count * step], joined[:, count * step :]
+            # the step in progress: a copy, not a view that keeps the whole block alive
+            self._step, self._step_samples = ([rest.clone()] if rest.shape[1] else []), rest.shape[1]
+        else:  # small pushes (a microphone's 10 ms blocks): gather the pieces, join them once per step
+            completed, rest = audio[:, :0], audio[:, :0]
+            self._step.append(audio)
+            self._step_samples += incoming
         # chunk i of this push ends at push offset (chunk - filled) + i * chunk; a step ending there counts before it
         ends = [chunk - self._chunk_filled + i * chunk for i in range((self._chunk_filled + incoming) // chunk)]
         reports = [(min(count, (end + pending) // step), chunk, False) for end in ends]  # (steps before, size, partial)
