@@ -443,7 +443,7 @@ def _build(**config: Any) -> TymNet:
 
 WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "tymnet-s.safetensors"
 # SHA-256 of the shipped weights (package data); set when recipes/default_model/ship.py ships a new file
-SHIPPED_SHA256: str | None = "3bfa30e5506d4ee373e0d981392f2229ba7e810b0d1b264d588273a1b1844c83"
+SHIPPED_SHA256: str | None = "92c9044887b607a5a98ef7e353e0a588ce398c07c4a2aa56ccec4b48c74d7422"
 
 
 def _shipped_weights() -> Weights | None:
