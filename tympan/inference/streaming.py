@@ -210,21 +210,13 @@ class Streamer:
 
     @torch.no_grad()
     def _flush_steps(self) -> list[ChunkResult]:
-        """The final partial chunk of a streaming model: its pending samples as one zero-padded step that leaves the
-        state alone; too short a chunk (with no finished step) is dropped."""
-        pending = torch.cat(self._step, dim=1) if self._step else None
-        self._step, self._step_samples = [], 0
-        if self._chunk_filled == 0:
-            return []
-        if self._chunk_filled <= self.min_tail_samples and not self._chunk_probs:
-            self._offset += self._chunk_filled
-            self._chunk_filled = 0
-            return []
-        if pending is not None:
-            padded = torch.nn.functional.pad(pending, (0, self.step_samples - pending.shape[1]))
-            logits, _ = self.model.step(padded.to(self._device()), self.state)
-            self._chunk_probs.append(self.model.probabilities(logits).float().cpu())
-        return [self._report(partial=True)]
+        """The final partial chunk of a streaming model: the end-of-recording rule of :meth:`_push_steps` (pending
+        samples as one zero-padded step; too short a chunk with no finished step dropped), but the state stays at the
+        last full step so that the stream can go on."""
+        state = self.state
+        results = self._push_steps(torch.zeros(self.streams, 0), final=True)
+        self.state = state
+        return results
 
     def flush(self) -> list[ChunkResult]:
         """Score the pending partial chunk (if long enough) without updating a streaming model's state."""
