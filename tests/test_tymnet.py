@@ -411,6 +411,14 @@ def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher, shared_dir,
     assert sidecar["model_id"] == "tymnet-s" and len(sidecar["labels"]["mids"]) == 521
     model = load_shipped(exported, sha256=sidecar["extra"]["sha256"])
     torch.testing.assert_close(model.head.weight, a["ema"]["head.weight"])
+    # train.init warm-starts a new run (model and EMA) from an export: exported before any step, it is that export
+    from safetensors.torch import load_file
+
+    again = tmp_path / "c" / "again.safetensors"
+    assert train.main([*common, "--set", f"train.out={tmp_path / 'c'}", "--set", f"train.init={exported}",
+                       "--export", str(again)]) == 0  # fmt: skip
+    first, second = load_file(str(exported)), load_file(str(again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.fixture(scope="module")
