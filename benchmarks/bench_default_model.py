@@ -12,6 +12,11 @@
    clip-level forward ``model(model.frontend(w))``; YAMNet through onnxruntime + its numpy frontend; interleaved
    file by file; each file's fastest of ``--repeats`` runs, summed (the machine is shared). ``OMP_WAIT_POLICY`` (set
    before the run; recorded) decides whether idle OpenMP threads spin or sleep.
+4. **Throughput** over the whole file list on ``--threads`` cores, whole passes (best of ``--repeats``): the
+   student as ``tympan tag FILES... --threads N`` runs it (:func:`tympan.inference.tagging.tag_files`: one thread
+   per file, its hint, and ``N / hint`` files at once); YAMNet file by file on N onnxruntime threads, and YAMNet
+   ``N`` files at once on one thread each (the same scheme given to the peer). Speed-ups are against the faster
+   YAMNet row.
 
     python benchmarks/bench_default_model.py [--weights EXPORT.safetensors] [--compare PREVIOUS.safetensors]
         [--shards /work/cache/corpus/shards_v3] [--threads 2] [--student-threads N] [--json out.json]
@@ -127,6 +132,50 @@ def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}  # fmt: skip
 
 
+def throughput(model: Any, shared: Path, threads: int, repeats: int) -> dict[str, Any]:
+    """Whole passes over the ESC-10 files on `threads` cores: `tympan tag`'s multi-file path vs YAMNet two ways."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tympan.inference.tagging import tag_files
+    from tympan.teachers.yamnet import YAMNet
+
+    files = [shared / "data" / "esc10" / "audio" / r["filename"] for r in esc10_rows(shared)]
+    seconds = sum(audio.info(f).duration for f in files)
+    per_file = max(1, min(model.inference_threads or threads, threads))  # what `tympan tag --threads N` does
+    workers = max(1, threads // per_file)
+    onnx = shared / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip"
+    yam_n, yam_1 = YAMNet(onnx, num_threads=threads), YAMNet(onnx, num_threads=1)
+
+    @torch.inference_mode()
+    def student() -> None:
+        torch.set_num_threads(per_file)
+        for _, tags in tag_files(model, files, workers=workers):
+            tags.probs.topk(5)
+
+    def yamnet_file_by_file() -> None:
+        for f in files:
+            np.argsort(yam_n.clip(audio.load(f))[0])[-5:]
+
+    def yamnet_files_at_once() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda f: np.argsort(yam_1.clip(audio.load(f))[0])[-5:], files))
+
+    rows = {f"tymnet-s/tag-files-{workers}x{per_file}": student, f"yamnet/ort-{threads}-threads": yamnet_file_by_file,
+            f"yamnet/{threads}-files-at-once": yamnet_files_at_once}  # fmt: skip
+    best = {k: float("inf") for k in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    name = next(iter(rows))
+    peer = min(v for k, v in best.items() if k.startswith("yamnet"))
+    return {"files": len(files), "audio_seconds": round(seconds, 1), "threads": threads,
+            **{f"{k}/seconds": round(v, 3) for k, v in best.items()},
+            **{f"{k}/x_realtime": round(seconds / v) for k, v in best.items()},
+            "speedup_vs_faster_yamnet": round(peer / best[name], 2)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=None, help="tymnet-s safetensors with its sidecar (default: the shipped one)")
@@ -138,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-threads", type=int, default=None,
                         help="torch threads for the speed rows (default: as `tympan tag`, the model's hint)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "agreement", "speed"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "agreement", "speed", "throughput"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -167,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         results["student_threads"] = student_threads
         results["speed"] = speed(model, yamnet, shared, args.repeats)
         print("speed:", results["speed"], flush=True)
+    if "throughput" not in args.skip:
+        results["throughput"] = throughput(model, shared, args.threads, args.repeats)
+        print("throughput:", results["throughput"], flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

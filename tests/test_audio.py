@@ -244,6 +244,29 @@ def test_stream_of_a_20_minute_file_uses_bounded_memory(tmp_path):
     assert peak < decoded_bytes / 20, f"peak {peak / 1e6:.1f} MB"  # measured 2.5 MB
 
 
+def test_stream_opens_the_file_once_for_header_and_first_pass(tmp_path, monkeypatch):
+    """Tagging many short files pays per open: the reader checks the header and reads the first pass through one
+    handle, opens again only to read again, and ``close`` releases a handle never read."""
+    path = tmp_path / "noise.flac"
+    sf.write(path, _noise(40_000, 1), 16000)
+    opened = []
+    real = sf.SoundFile.__init__
+
+    def counting(self, *args, **kwargs):
+        opened.append(args[0] if args else kwargs.get("file"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "__init__", counting)
+    reader = audio.stream(path, block_seconds=1.0)
+    first = np.concatenate(list(reader))
+    assert len(opened) == 1 and reader.info.frames == 40_000
+    np.testing.assert_array_equal(np.concatenate(list(reader)), first)
+    assert len(opened) == 2
+    with audio.stream(path) as unread:
+        handle = unread._handle
+    assert handle is not None and handle.closed and len(opened) == 3
+
+
 def test_stream_validates_arguments(data_dir):
     with pytest.raises(ValueError, match="block_seconds"):
         audio.stream(data_dir / ESC_CLIP, block_seconds=0)

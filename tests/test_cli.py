@@ -267,21 +267,31 @@ def test_tag_with_no_model_uses_the_default_model(capsys):
     assert record["chunks"][0]["tags"][0]["label"]
 
 
-def test_tag_threads_follow_the_flag_else_the_models_hint(capsys):
-    """The default model's ops are too small to split: `tag` runs it on one thread unless --threads says otherwise;
-    a model without a hint keeps torch's default; --threads 0 is a one-line usage error."""
+def test_tag_threads_follow_the_flag_else_the_models_hint(capsys, data_dir):
+    """The default model's ops are too small to split: `tag` runs each file on one thread (its hint) and uses the
+    other cores of --threads for other files, with the output of a one-thread run; a model without a hint runs on
+    --threads (torch's default without the flag); --threads 0 is a one-line usage error."""
     import torch
 
-    clip = str(REPO / "tympan" / "assets" / "demo_digits_16k.flac")
+    clips = [str(p) for p in sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[:5]]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert main(["tag", clip, "--format", "json"]) == 0 and torch.get_num_threads() == 1
-        assert main(["tag", clip, "--format", "json", "--threads", "2"]) == 0 and torch.get_num_threads() == 2
-        assert main(["tag", clip, "--model", "sat-tiny-2s", "--random", "--format", "json"]) == 0
-        assert torch.get_num_threads() == 2  # no hint: left as it was
+        assert main(["tag", clips[0], "--format", "json"]) == 0 and torch.get_num_threads() == 1
+        one = capsys.readouterr().out
+        assert main(["tag", *clips, "--format", "json", "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+        sequential = capsys.readouterr().out
+        assert main(["tag", *clips, "--format", "json", "--threads", "3"]) == 0 and torch.get_num_threads() == 1
+        parallel = capsys.readouterr().out  # three files at once, one thread each
+        assert parallel == sequential and json.loads(parallel)[0] == json.loads(one)[0]
+        assert [r["file"] for r in json.loads(parallel)] == clips
+        torch.set_num_threads(1)
+        assert main(["tag", clips[0], "--model", "sat-tiny-2s", "--random", "--format", "json"]) == 0
+        assert torch.get_num_threads() == 1  # no hint, no flag: left as it was
+        assert main(["tag", clips[0], "--model", "sat-tiny-2s", "--random", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
         capsys.readouterr()
-        assert main(["tag", clip, "--threads", "0"]) == 2
+        assert main(["tag", clips[0], "--threads", "0"]) == 2
         assert capsys.readouterr().err.strip() == "tympan tag: error: --threads must be at least 1"
     finally:
         torch.set_num_threads(before)

@@ -203,8 +203,10 @@ def _check_finite(path: str | Path, frames: np.ndarray, start_seconds: float = 0
 
 
 def _downmix(frames: np.ndarray, mono: bool) -> np.ndarray:
-    """[frames, channels] -> [frames] (channel average) if mono, else unchanged."""
-    return frames.mean(axis=1, dtype=np.float32) if mono else frames
+    """[frames, channels] -> [frames] (channel average) if mono, else unchanged (one channel: a view, no pass)."""
+    if not mono:
+        return frames
+    return frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float32)
 
 
 def _resample_frames(frames: np.ndarray, rate: float, target_rate: float, quality: str) -> np.ndarray:
@@ -222,7 +224,11 @@ def _channels_first(frames: np.ndarray) -> np.ndarray:
 def info(path: str | Path) -> AudioInfo:
     """Read an audio file's header: sample rate, channels, frames, duration, format."""
     with _open(path) as handle:
-        return AudioInfo(Path(path), handle.samplerate, handle.channels, handle.frames, handle.format, handle.subtype)
+        return _info(Path(path), handle)
+
+
+def _info(path: Path, handle: sf.SoundFile) -> AudioInfo:
+    return AudioInfo(path, handle.samplerate, handle.channels, handle.frames, handle.format, handle.subtype)
 
 
 def load(
@@ -330,8 +336,9 @@ class BlockReader:
     Each block holds exactly ``round(block_seconds * sample_rate)`` samples (``[n]`` if `mono`, else
     ``[channels, n]``), except the last. Resampling runs through one ``soxr.ResampleStream`` across block
     boundaries, so the concatenated blocks equal :func:`load` of the whole file (bit-identical with the
-    installed soxr). The file is opened (and its header checked) at construction and re-read on each
-    iteration; decoding errors and NaN/inf samples met mid-file raise :class:`AudioError`.
+    installed soxr). The file is opened (and its header checked) at construction; the first iteration reads
+    through that handle, later ones open the file again. Decoding errors and NaN/inf samples met mid-file raise
+    :class:`AudioError`. ``close()`` (or a ``with`` block) releases a handle never iterated.
     """
 
     def __init__(
@@ -346,7 +353,9 @@ class BlockReader:
             _check_rate(sample_rate, "sample_rate")
         _check_quality(quality)
         self.path = Path(path)
-        self.info = info(self.path)
+        # one open for the header and the first pass (tagging many short files pays per open)
+        self._handle: sf.SoundFile | None = _open(self.path)
+        self.info = _info(self.path, self._handle)
         self.sample_rate = sample_rate or self.info.sample_rate
         self.block_frames = round(block_seconds * self.sample_rate)
         if not math.isfinite(block_seconds) or self.block_frames < 1:
@@ -360,7 +369,8 @@ class BlockReader:
         needed = max(1, math.ceil(self.block_frames * rate / self.sample_rate))
         # when upsampling, read no more than one output block needs (bounded work per step, whatever the rate)
         read_frames = needed if self.sample_rate > rate else max(needed, _MIN_READ_FRAMES)
-        with _open(self.path) as handle:
+        handle, self._handle = (self._handle or _open(self.path)), None
+        with handle:
             position = 0
             while True:
                 frames = _read(self.path, handle, read_frames)
@@ -386,6 +396,18 @@ class BlockReader:
     def __iter__(self) -> Iterator[np.ndarray]:
         for block in _regroup(self._resampled(), self.block_frames):
             yield _channels_first(block)
+
+    def close(self) -> None:
+        """Release the handle opened at construction if no iteration has taken it."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         seconds = self.block_frames / self.sample_rate

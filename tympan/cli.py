@@ -8,9 +8,11 @@ file, an unknown model id) are printed as one line on stderr, never as a traceba
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 EPILOG = """examples:
   tympan tag clip.wav --model sat-tiny-2s         top-5 AudioSet tags of a file
@@ -236,22 +238,39 @@ def _load_model(args: argparse.Namespace):
 
 def _add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads (default: what the model runs fastest on, e.g. 1 for the small default model "
-                   "whose ops are too small to split; all cores for the large ones)")  # fmt: skip
+                   help="CPU threads to use (default: all cores). A model whose ops are too small to split runs each "
+                   "file on fewer (its hint: 1 for the default model) and 'tag' then tags N / hint files at once")  # fmt: skip
 
 
 def _apply_threads(args: argparse.Namespace, model) -> None:
-    """Commands with ``--threads``: the flag, else the model's ``inference_threads`` hint, else torch's default."""
+    """Commands with ``--threads``: torch threads per file and ``args.file_workers`` (files at once).
+
+    ``N`` = the flag, else the cores this process may use. A model with an ``inference_threads`` hint ``h`` runs
+    each file on ``min(h, N)`` threads and ``N // that`` files at once; other models run one file at a time on
+    ``N`` threads (torch's default when the flag is not given)."""
     if not hasattr(args, "threads"):
         return
-    threads = args.threads
-    if threads is not None and threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
-    threads = threads if threads is not None else getattr(model, "inference_threads", None)
-    if threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    hint = getattr(model, "inference_threads", None)
+    if hint is None:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        args.file_workers = 1
+        return
+    threads = args.threads if args.threads is not None else _available_cores()
+    per_file = max(1, min(hint, threads))
+    torch.set_num_threads(per_file)
+    args.file_workers = max(1, threads // per_file)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _add_precision_argument(p: argparse.ArgumentParser) -> None:
@@ -327,8 +346,7 @@ def _run_tag(args: argparse.Namespace) -> int:
     import json
 
     from tympan.audio import AudioError
-    from tympan.inference.streaming import ChunkTooShortError
-    from tympan.inference.tagging import Tagger, tag_file
+    from tympan.inference.tagging import Tagger, tag_files
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
@@ -348,17 +366,19 @@ def _run_tag(args: argparse.Namespace) -> int:
     _check_finite_weights(model)
     failed, records = [], []
     plots = _plot_paths(args.plot, list(args.files)) if args.plot is not None else []
-    for index, path in enumerate(args.files):
-        try:
-            if runner is not None:
-                from tympan.export import onnx_tag_file
+    if runner is not None:
+        from tympan.export import onnx_tag_file
 
-                tags = onnx_tag_file(runner, path, chunk_seconds=args.chunk)
-            else:
-                tags = tag_file(model, path, chunk_seconds=args.chunk, progress=sys.stderr.isatty())
+        results = ((path, _tag_or_error(lambda p=path: onnx_tag_file(runner, p, chunk_seconds=args.chunk)))
+                   for path in args.files)  # fmt: skip
+    else:
+        results = tag_files(model, args.files, chunk_seconds=args.chunk, workers=getattr(args, "file_workers", 1),
+                            progress=sys.stderr.isatty())  # fmt: skip
+    for index, (path, tags) in enumerate(_chunk_errors_as_user_errors(results, args.chunk)):
+        try:
+            if isinstance(tags, Exception):
+                raise tags
             _check_finite_scores(tags, path)
-        except ChunkTooShortError as err:
-            raise UserError(f"--chunk {args.chunk:g}: {err}") from None
         except (AudioError, ValueError) as err:
             failed.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
@@ -375,6 +395,29 @@ def _run_tag(args: argparse.Namespace) -> int:
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _tag_or_error(tag: Callable[[], Any]) -> Any:
+    """``tag()``, or the AudioError/ValueError it raised (a bad file is reported, the others go on)."""
+    from tympan.audio import AudioError
+    from tympan.inference.streaming import ChunkTooShortError
+
+    try:
+        return tag()
+    except ChunkTooShortError:
+        raise
+    except (AudioError, ValueError) as err:
+        return err
+
+
+def _chunk_errors_as_user_errors(results: Iterable[Any], chunk: float | None) -> Iterator[Any]:
+    """A ``--chunk`` shorter than the model's step fails every file alike: one usage error, not N skips."""
+    from tympan.inference.streaming import ChunkTooShortError
+
+    try:
+        yield from results
+    except ChunkTooShortError as err:
+        raise UserError(f"--chunk {chunk:g}: {err}") from None
 
 
 def _require_matplotlib(flag: str) -> None:
@@ -849,7 +892,6 @@ def _listen_source(args: argparse.Namespace):
 
 def _run_listen(args: argparse.Namespace) -> int:
     import json
-    import os
     import signal
 
     import numpy as np

@@ -8,7 +8,9 @@ activation, so callers always see 16 kHz waveform -> probabilities whatever the 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,23 +81,87 @@ def tag_file(
     ``chunk_seconds`` defaults to the model's own window (10.24 s for AST, 2 s for SAT-2s, ...); a file shorter than
     one chunk is tagged as one partial chunk.
     """
-    from tqdm.auto import tqdm
-
     from tympan import audio
     from tympan.inference.streaming import Streamer
 
-    total = audio.info(path).duration
-    streamer = Streamer(model, chunk_seconds=chunk_seconds if chunk_seconds is not None else _default_chunk(model))
-    tags = FileTags(str(path))
-    with tqdm(total=round(total, 2), unit="s", desc=os.path.basename(str(path)), disable=not progress) as bar:
-        for result in streamer.run_file(path, block_seconds=block_seconds):
+    reader = audio.stream(path, block_seconds=block_seconds, sample_rate=SAMPLE_RATE, mono=True)  # one open
+    with reader:
+        total = reader.info.duration
+        streamer = Streamer(model, chunk_seconds=chunk_seconds if chunk_seconds is not None else _default_chunk(model))
+        tags = FileTags(str(path))
+        bar = _progress_bar(total, os.path.basename(str(path))) if progress else None
+        for result in streamer.run_blocks(reader):
             tags.starts.append(result.start)
             tags.ends.append(result.end)
             tags.chunk_probs.append(result.output[0])
-            bar.update(round(result.end - result.start, 2))
+            if bar is not None:
+                bar.update(round(result.end - result.start, 2))
+        if bar is not None:
+            bar.close()
     if not tags.chunk_probs:
         raise ValueError(f"{path}: too short to tag ({total:.3f} s)")
     return tags
+
+
+def _progress_bar(seconds: float, name: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=round(seconds, 2), unit="s", desc=name)
+
+
+def tag_files(
+    model: nn.Module,
+    paths: Iterable[str | os.PathLike],
+    chunk_seconds: float | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> Iterator[tuple[str | os.PathLike, FileTags | Exception]]:
+    """Tag many files: ``(path, tags)`` in input order, or ``(path, error)`` for a file that failed (bad audio,
+    too short: an :class:`~tympan.audio.AudioError` or ``ValueError``), so one bad file does not stop the rest.
+
+    ``workers > 1`` tags that many files at once in threads (torch and libsndfile release the GIL). This is how a
+    small model such as tymnet-s uses several cores: its ops are too small to split over threads, whole files are
+    not. Results are the same as one at a time. ``progress`` shows one bar per file with one worker, one bar over
+    the files with several. Other exceptions (e.g. a ``--chunk`` shorter than the model's step) propagate.
+    """
+    from tympan.audio import AudioError
+    from tympan.inference.streaming import ChunkTooShortError
+
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    paths = list(paths)
+
+    def one(path: str | os.PathLike, bar: bool) -> FileTags | Exception:
+        try:
+            return tag_file(model, path, chunk_seconds=chunk_seconds, progress=bar)
+        except ChunkTooShortError:
+            raise
+        except (AudioError, ValueError) as err:
+            return err
+
+    if workers == 1 or len(paths) < 2:
+        for path in paths:
+            yield path, one(path, progress)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(min(workers, len(paths)), thread_name_prefix="tympan-tag") as pool, \
+            tqdm(total=len(paths), unit="file", disable=not progress) as bar:  # fmt: skip
+        pending: deque = deque()
+        queued = iter(paths)
+        for path in queued:  # a bounded window of files in flight: results are yielded (and freed) in order
+            pending.append((path, pool.submit(one, path, False)))
+            if len(pending) >= 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+                bar.update()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+            bar.update()
 
 
 def _default_chunk(model: nn.Module) -> float | None:
