@@ -11,10 +11,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tympan import audio
 from tympan.models import create_model
 from tympan.models.protocol import AudioModel
+from tympan.ops import small_gemm
 from tympan.models.tymnet import (
     LABELS_CSV,
     SHIPPED_SHA256,
@@ -170,16 +172,20 @@ def long_features(dog) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stem_stride", [4, 2])
+@pytest.mark.parametrize("native", [True, False])
 @torch.no_grad()
-def test_folded_eval_equals_the_modules(long_features, stem_stride):
+def test_folded_eval_equals_the_modules(long_features, stem_stride, native):
     """Eval mode folds each BatchNorm into its convolution (the stem's tiles and the pointwise convolutions as
-    matmuls): every output equals the plain conv -> BN -> ReLU modules', and the state dict keeps its keys."""
+    matmuls; the blocks in one C call, or op by op): every output equals the plain conv -> BN -> ReLU modules', and
+    the state dict keeps its keys."""
     torch.manual_seed(0)
     model = _random_batchnorms(create_model("tymnet-s", stem_stride=stem_stride)).eval()
+    model.native_blocks = native
     keys = list(model.state_dict())
     for folded, plain in zip(_outputs(model, long_features, True), _outputs(model, long_features, False)):
         torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
     assert list(model.state_dict()) == keys and not any("fold" in k for k in keys)
+    assert (model._kernel_stack(model.folded_weights()) is not None) == (native and small_gemm.available())
 
 
 @torch.no_grad()
@@ -217,6 +223,55 @@ def test_folded_weights_follow_every_change(long_features):
     folded = _outputs(model, features.double(), True)[0]
     assert folded.dtype == torch.float64
     torch.testing.assert_close(folded, _outputs(model, features.double(), False)[0])
+
+
+needs_kernel = pytest.mark.skipif(not small_gemm.available(), reason="no C compiler or no AVX-512")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("images,h,w,strides", [(11, 24, 16, (2, 1, 2, 1, 2, 1)), (3, 7, 5, (1, 2, 3)),
+                                                  (1, 1, 1, (2,)), (0, 24, 16, (2, 1))])  # fmt: skip
+def test_dsconv_kernel_equals_torch_ops(threads, images, h, w, strides):
+    """The one-call C blocks equal depthwise conv2d + ReLU, matmul + ReLU and the mean, for odd sizes (rows not in
+    whole 6-row tiles, strides that leave a remainder, one pixel, no images); each image's result is the same
+    bit for bit whatever the thread count and the images beside it."""
+    g = torch.Generator().manual_seed(images + h)
+    channels = [32, 64, 96, 128][: len(strides) + 1] if len(strides) < 4 else [32, 64, 128, 128, 256, 256, 512]
+    layers = [(torch.randn(c, 1, 3, 3, generator=g) / 3, torch.randn(c, generator=g) / 10,
+               torch.randn(d, c, generator=g) / c**0.5, torch.randn(d, generator=g) / 10, s)
+              for c, d, s in zip(channels[:-1], channels[1:], strides)]  # fmt: skip
+    x = torch.randn(images, h, w, channels[0], generator=g).relu_()
+    expected = x
+    for dw, dw_b, pw, pw_b, s in layers:
+        y = F.conv2d(expected.permute(0, 3, 1, 2), dw, dw_b, s, 1, groups=dw.shape[0]).relu_()
+        expected = F.linear(y.permute(0, 2, 3, 1), pw, pw_b).relu_()
+    expected = expected.mean((1, 2))
+    stack = small_gemm.dsconv_stack(layers)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = small_gemm.run_dsconv(stack, x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if images > 1:
+        assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
+    odd = [(dw, b, pw[:40], pw_b[:40], s) for dw, b, pw, pw_b, s in layers[:1]]  # 40 outputs: not whole panels
+    assert small_gemm.dsconv_stack(odd) is None and small_gemm.dsconv_stack([(*layers[0][:4], 0)]) is None
+
+
+def test_model_after_native_inference_copies_and_pickles(dog):
+    """The C kernel's cached view (pointers) never travels with a copy: deepcopy and pickling work after inference
+    and the copy computes the same."""
+    import pickle
+
+    model = create_model("tymnet-s").eval()
+    features = YAMNetLogMel()(torch.from_numpy(dog)[None])
+    with torch.inference_mode():
+        expected = model(features)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(clone(features), expected, atol=0, rtol=0)
 
 
 def test_folded_eval_keeps_gradients(long_features):

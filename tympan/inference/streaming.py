@@ -187,7 +187,9 @@ class Streamer:
         if count:
             logits, self.state = self.model.steps(completed.to(self._device()), self.state)
             # step by step: an activation's SIMD tail must not depend on how many steps a push completed
-            probs = [self.model.probabilities(logits[:, j].contiguous()).float().cpu() for j in range(count)]
+            probs = [self.model.probabilities(logits[:, j].contiguous()) for j in range(count)]
+            if probs[0].dtype != torch.float32 or probs[0].device.type != "cpu":
+                probs = [p.float().cpu() for p in probs]
         results, used = [], 0
         for steps_before, chunk_filled, partial in reports:
             self._chunk_probs.extend(probs[used:steps_before])
@@ -202,7 +204,8 @@ class Streamer:
         """The current chunk's result: the mean of its steps' probabilities."""
         start = self._offset / SAMPLE_RATE
         self._offset += self._chunk_filled
-        output = torch.stack(self._chunk_probs).mean(0)
+        probs = self._chunk_probs  # one step (the default chunk): the mean is that step itself
+        output = probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
         result = ChunkResult(self._index, start, self._offset / SAMPLE_RATE, output, partial)
         self._index += 1
         self._chunk_probs, self._chunk_filled = [], 0

@@ -10,9 +10,12 @@ Distilled from YAMNet (521 AudioSet classes) on audio built here (``recipes/defa
   blocks (MobileNet-v1 style, BatchNorm + ReLU) after a 4x4-tile stem, global average pool -> ``embedding`` -> 521 logits.
   Clip logits are ``logit(mean_patches sigmoid(patch logits))``, so clip probabilities are YAMNet-style means.
 * inference (eval mode, not under export/compile tracing): every BatchNorm is folded into the convolution before
-  it (:func:`fold_batchnorm`; cached, recomputed when a weight or running statistic changes), the stem's 4x4 tiles
-  and the pointwise convolutions run as matmuls on NHWC activations, and only the depthwise convolutions go to
-  oneDNN. Training mode, the state dict and the exported graph use the modules as they are.
+  it (:func:`fold_batchnorm`; cached, recomputed when a weight or running statistic changes) and the stem's 4x4
+  tiles run as one matmul on NHWC activations. Without autograd, on float32 CPU tensors with an AVX-512 C compiler,
+  the blocks and the pooling run patch by patch in one C call (:func:`tympan.ops.small_gemm.run_dsconv`: no
+  Python between layers, the GIL released, each patch's activations in a small scratch area); otherwise op by op,
+  pointwise convolutions as matmuls and depthwise ones through oneDNN. Training mode, the state dict and the
+  exported graph use the modules as they are.
 * embeddings: frame = per-patch embedding (hop 0.48 s, first centre 0.4875 s); scene = mean over patches.
 * streaming: ``chunk_samples = 7,680`` (0.48 s); the state is the previous 7,920 samples, so each step sees exactly
   one 15,600-sample patch: step ``k`` equals patch ``k`` of the whole clip left-padded with 7,920 zeros.
@@ -22,6 +25,7 @@ Distilled from YAMNet (521 AudioSet classes) on audio built here (``recipes/defa
 from __future__ import annotations
 
 import math
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from tympan.errors import CheckpointError
 from tympan.models.protocol import AudioModel, Embeddings, State
 from tympan.models.registry import ModelEntry, Weights, register_model
+from tympan.ops.small_gemm import DSConvStack, dsconv_stack, run_dsconv
 
 __all__ = ["ChecksumError", "DSBlock", "LABELS_CSV", "TymNet", "YAMNetLogMel", "load_shipped"]
 
@@ -42,6 +47,7 @@ PATCH_FRAMES, PATCH_HOP_FRAMES = 96, 48
 PATCH_HOP_SAMPLES = PATCH_HOP_FRAMES * HOP  # 7680
 MIN_SAMPLES = (PATCH_FRAMES - 1) * HOP + WINDOW  # 15600
 LOG_OFFSET = 0.001
+_VERSION = operator.attrgetter("_version")
 LABELS_CSV = Path(__file__).resolve().parent.parent / "assets" / "tymnet_labels.csv"
 
 
@@ -203,6 +209,7 @@ class TymNet(AudioModel):
 
     streaming = True
     folded_inference = True  # eval mode on folded weights; False: through the modules (the reference in tests)
+    native_blocks = True  # folded inference runs the blocks in one C call when it applies; False: op by op
     chunk_samples = PATCH_HOP_SAMPLES
     inference_threads = 1  # ~4 M multiply-adds per patch: on 2 cores one thread tags 1.3x faster than two
     min_samples = 1
@@ -235,7 +242,8 @@ class TymNet(AudioModel):
         self.block_types = (DSBlock,)
         self.to(memory_format=torch.channels_last)  # oneDNN's depthwise convolutions are ~2x faster in NHWC
         # (sources, their versions, folded weights) of folded_weights(): a plain attribute, not state
-        self._fold_cache: tuple[list[Any], list[int], list[Tensor]] | None = None
+        self._fold_cache: tuple[list[Tensor], tuple, list[Tensor]] | None = None  # (sources, their key, folded)
+        self._stack_cache: tuple[list[Tensor], DSConvStack | None] | None = None  # (folded weights, C kernel's view)
 
     # ----------------------------------------------------------------------------------------- folded inference
     def _conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -248,23 +256,14 @@ class TymNet(AudioModel):
         return pairs  # type: ignore[return-value]
 
     @staticmethod
-    def _fold_sources(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[Any]:
-        """Every tensor the folded weights are computed from, then each BN's eps."""
+    def _fold_sources(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> tuple[list[Tensor], list[float]]:
+        """Every tensor the folded weights are computed from, and each BN's eps."""
         tensors: list[Any] = []
         for conv, bn in pairs:
             params, buffers = bn._parameters, bn._buffers
             tensors += (conv._parameters["weight"], conv._parameters.get("bias"), params.get("weight"),
                         params.get("bias"), buffers.get("running_mean"), buffers.get("running_var"))  # fmt: skip
-        return [t for t in tensors if t is not None] + [bn.eps for _, bn in pairs]
-
-    @staticmethod
-    def _versions(sources: list[Any]) -> list[int] | None:
-        """Version counter and storage address of each source tensor; ``None`` where one keeps no version counter
-        (a tensor made under ``torch.inference_mode``: then nothing is cached)."""
-        try:
-            return [v for t in sources if isinstance(t, Tensor) for v in (t._version, t.data_ptr())]
-        except RuntimeError:  # "Inference tensors do not track version counter"
-            return None
+        return [t for t in tensors if t is not None], [bn.eps for _, bn in pairs]
 
     def folded_weights(self) -> list[Tensor]:
         """Eval-mode weights and biases, BatchNorms folded in: ``[stem_w, stem_b, dw_w, dw_b, pw_w, pw_b, ...]``;
@@ -272,23 +271,26 @@ class TymNet(AudioModel):
 
         Cached without autograd and rebuilt when any source changes: a weight, bias or running statistic modified in
         place (its version counter), given new storage (``.data =``, a submodule's ``.to``) or replaced by another
-        tensor or module (identity), or a BN's eps; ``.to``/``.train``/``.eval``/``load_state_dict`` on the model
-        drop the cache too. Under autograd with trainable weights they are computed afresh, so gradients reach the
-        convolution and BatchNorm parameters."""
+        tensor or module (identity: the cache holds the sources, so their ids cannot be reused), or a BN's eps;
+        ``.to``/``.train``/``.eval``/``load_state_dict`` on the model drop the cache too. Nothing is cached when a
+        source keeps no version counter (made under ``torch.inference_mode``). Under autograd with trainable
+        weights they are computed afresh, so gradients reach the convolution and BatchNorm parameters."""
         pairs = self._conv_bn_pairs()
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self._fold(pairs)
-        sources = self._fold_sources(pairs)
-        versions = self._versions(sources)
+        tensors, eps = self._fold_sources(pairs)
+        try:  # C-level loops: this check runs on every eval call
+            key: tuple | None = (list(map(id, tensors)), list(map(_VERSION, tensors)),
+                                 list(map(Tensor.data_ptr, tensors)), eps)  # fmt: skip
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            key = None
         cache = self._fold_cache
-        same = (cache is not None and versions == cache[1] and len(sources) == len(cache[0])
-                and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(sources, cache[0])))  # fmt: skip
-        if versions is None or not same:
+        if key is None or cache is None or cache[1] != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable later under autograd too
                 folded = self._fold(pairs)
-            self._fold_cache = None if versions is None else (sources, versions, folded)
+            self._fold_cache = None if key is None else (tensors, key, folded)
             return folded
-        return cache[2]  # type: ignore[index]
+        return cache[2]
 
     def _fold(self, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[Tensor]:
         out: list[Tensor] = []
@@ -309,12 +311,28 @@ class TymNet(AudioModel):
         return not any(bn.training for _, bn in self._conv_bn_pairs())
 
     def _blocks_folded(self, x: Tensor, weights: list[Tensor]) -> Tensor:
-        """Stem output ``[P, H, W, C]`` (NHWC, after its ReLU) -> pooled features ``[P, channels[-1]]``."""
+        """Stem output ``[P, H, W, C]`` (NHWC, after its ReLU) -> pooled features ``[P, channels[-1]]``: the whole
+        stack in one C call (:func:`tympan.ops.small_gemm.run_dsconv`) where it applies, else op by op."""
+        stack = self._kernel_stack(weights) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if stack is not None:
+            return run_dsconv(stack, x)
         for i, block in enumerate(self.blocks):
             dw_w, dw_b, pw_w, pw_b = weights[2 + 4 * i : 6 + 4 * i]
             y = F.conv2d(x.permute(0, 3, 1, 2), dw_w, dw_b, block.dw.stride, block.dw.padding, groups=dw_w.shape[0])
             x = F.linear(y.relu_().permute(0, 2, 3, 1), pw_w, pw_b).relu_()  # oneDNN writes NHWC: no copy
         return x.mean((1, 2))
+
+    def _kernel_stack(self, weights: list[Tensor]) -> DSConvStack | None:
+        """The C kernel's prepared blocks for these folded weights (cached with them: a new fold, a new stack)."""
+        if not self.native_blocks or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+            return None  # autograd, or bf16 autocast (--precision bf16): op by op
+        cache = self._stack_cache
+        if cache is None or cache[0] is not weights:
+            layers = [(*weights[2 + 4 * i : 6 + 4 * i], block.dw.stride[0]) for i, block in enumerate(self.blocks)]
+            ok = all(b.dw.kernel_size == (3, 3) and b.dw.padding == (1, 1) and b.dw.stride[0] == b.dw.stride[1]
+                     for b in self.blocks)  # fmt: skip
+            cache = self._stack_cache = (weights, dsconv_stack(layers) if ok else None)
+        return cache[1]
 
     def _backbone_folded(self, patches: Tensor) -> Tensor:
         """:meth:`backbone` on folded weights: activations stay NHWC ``[P, H, W, C]`` throughout."""
@@ -355,6 +373,11 @@ class TymNet(AudioModel):
             x = stem.unfold(1, rows, hop).permute(0, 1, 4, 2, 3).reshape(batch * n, rows, mels // 4, -1).contiguous()
             pooled.append(self._blocks_folded(x, weights).view(batch, n, -1))
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and deepcopy leave the C kernel's view behind (it holds pointers; rebuilt on first use)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_stack_cache": None}
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._fold_cache = None

@@ -8,6 +8,10 @@ each output is one sequential fused-multiply-add chain over K, then the bias, th
 add ``res + (...)``, or the exact GELU) on the registers.
 
 * :func:`linear`: ``module(x)`` for one ``nn.Linear``;
+* :func:`dsconv_stack` / :func:`run_dsconv`: MobileNet-v1 blocks (depthwise 3x3 + bias + ReLU, pointwise + bias
+  + ReLU; BatchNorms folded by the caller) and the mean over positions, image by image in one call (TymNet's
+  backbone after its stem): each image's activations stay in two small scratch areas, the GIL is released for the
+  whole stack, and several images are dealt out to ``torch.get_num_threads()`` threads.
 * :func:`block_table` / :func:`run_blocks`: whole pre-norm ViT blocks (:class:`tympan.models.layers.Block`) on a
   chunk with memory keys/values, the SAT streaming step, in one call: layer norms, the fused qkv product (and the
   memory's keys/values when not given), attention over memory + chunk keys, ``x + proj(.)``, ``gelu(fc1(.))``,
@@ -40,7 +44,8 @@ from torch import Tensor, nn
 
 from tympan.ops import native
 
-__all__ = ["linear", "available", "openmp", "pack_weight", "block_table", "run_blocks", "BlockTable"]
+__all__ = ["linear", "available", "openmp", "pack_weight", "block_table", "run_blocks", "BlockTable", "DSConvStack",
+           "dsconv_stack", "run_dsconv"]
 
 ENABLED = True  # False: linear() is the module itself and block_table() None (e.g. to count FLOPs, which the C
 # kernel hides from torch)
@@ -77,7 +82,7 @@ int small_gemm_available(void) { return 1; }
 
 static const float ZEROS[MAX_K]; /* the missing rows of a partial tile */
 
-enum { EPI_BIAS = 0, EPI_RESIDUAL = 1, EPI_GELU = 2 };
+enum { EPI_BIAS = 0, EPI_RESIDUAL = 1, EPI_GELU = 2, EPI_RELU = 3 };
 
 /* exp(x): x = n ln2 + r (Cody-Waite), exp(r) by its degree-7 Taylor polynomial (|r| <= ln2 / 2: < 1e-8 relative),
    times 2^n by scalef (underflows to denormals and zero). */
@@ -123,6 +128,7 @@ static inline __attribute__((always_inline)) __m512 epilogue(__m512 acc, __m512 
     __m512 v = _mm512_add_ps(acc, b);
     if (mode == EPI_RESIDUAL) v = _mm512_add_ps(_mm512_loadu_ps(res), v);
     else if (mode == EPI_GELU) v = gelu16(v);
+    else if (mode == EPI_RELU) v = _mm512_max_ps(v, _mm512_setzero_ps());
     return v;
 }
 
@@ -179,6 +185,7 @@ static inline __attribute__((always_inline)) void seg_panel_mode(const segment* 
 static void seg_panel(const segment* s, int64_t p, int64_t t0, int64_t t1) {
     if (s->mode == EPI_RESIDUAL) seg_panel_mode(s, p, t0, t1, EPI_RESIDUAL);
     else if (s->mode == EPI_GELU) seg_panel_mode(s, p, t0, t1, EPI_GELU);
+    else if (s->mode == EPI_RELU) seg_panel_mode(s, p, t0, t1, EPI_RELU);
     else seg_panel_mode(s, p, t0, t1, EPI_BIAS);
 }
 
@@ -462,6 +469,75 @@ void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const floa
     run_segments(&seg, 1, 0, 1);
 }
 
+/* Depthwise 3x3 convolution (padding 1, stride s) + bias + ReLU on one NHWC image x [h, w, c] -> y [ho, wo, c];
+   w9 [9, c]: the taps row-major (ky, kx), c a multiple of 16. Taps summed in order, then the bias. */
+static void depthwise3x3_relu(const float* x, int64_t h, int64_t w, int64_t c, int64_t s, const float* w9,
+                              const float* b, float* y, int64_t ho, int64_t wo) {
+    for (int64_t oy = 0; oy < ho; oy++)
+        for (int64_t ox = 0; ox < wo; ox++) {
+            float* out = y + (oy * wo + ox) * c;
+            for (int64_t c0 = 0; c0 < c; c0 += 16) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t ky = 0; ky < 3; ky++) {
+                    int64_t iy = oy * s - 1 + ky;
+                    if (iy < 0 || iy >= h) continue;
+                    for (int64_t kx = 0; kx < 3; kx++) {
+                        int64_t ix = ox * s - 1 + kx;
+                        if (ix < 0 || ix >= w) continue;
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + (iy * w + ix) * c + c0),
+                                              _mm512_loadu_ps(w9 + (ky * 3 + kx) * c + c0), acc);
+                    }
+                }
+                acc = _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), _mm512_setzero_ps());
+                _mm512_storeu_ps(out + c0, acc);
+            }
+        }
+}
+
+/* One image through nb MobileNet-v1 blocks, then the mean over positions -> pooled [channels[nb]]. buf: two
+   scratch areas of `area` floats (the depthwise output, the pointwise output). */
+static void dsconv_image(const float* x, int64_t h, int64_t w, int64_t nb, const int64_t* channels,
+                         const int64_t* strides, const float* const* dw, const float* const* dwb,
+                         const float* const* pw, const float* const* pwb, float* pooled, float* buf, int64_t area) {
+    const float* cur = x;
+    float *mid = buf, *out = buf + area;
+    for (int64_t i = 0; i < nb; i++) {
+        int64_t s = strides[i], ho = (h - 1) / s + 1, wo = (w - 1) / s + 1, cin = channels[i], cout = channels[i + 1];
+        depthwise3x3_relu(cur, h, w, cin, s, dw[i], dwb[i], mid, ho, wo);
+        segment seg = {mid, cin, ho * wo, cin, pw[i], pwb[i], out, cout, 0, 0, EPI_RELU, cout / 32};
+        for (int64_t p = 0; p < seg.np; p++) seg_panel(&seg, p, 0, (seg.m + 5) / 6);
+        cur = out; h = ho; w = wo;
+    }
+    int64_t c = channels[nb], positions = h * w;
+    float scale = 1.0f / (float)positions;
+    for (int64_t c0 = 0; c0 < c; c0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t q = 0; q < positions; q++) acc = _mm512_add_ps(acc, _mm512_loadu_ps(cur + q * c + c0));
+        _mm512_storeu_ps(pooled + c0, _mm512_mul_ps(acc, _mm512_set1_ps(scale)));
+    }
+}
+
+/* MobileNet-v1 blocks (depthwise 3x3 + bias + ReLU, pointwise + bias + ReLU) on n NHWC images x [n, h, w,
+   channels[0]], then the mean over positions -> pooled [n, channels[nb]]. Block i: dw[i] [9, channels[i]] taps,
+   pw[i] packed [channels[i+1] / 32, channels[i], 32]. scratch: nthreads x 2 x area floats. Images are dealt out to
+   nthreads threads; each image's result does not depend on the others or on the thread count. */
+void dsconv_blocks(const float* x, int64_t n, int64_t h, int64_t w, int64_t nb, const int64_t* channels,
+                   const int64_t* strides, const float* const* dw, const float* const* dwb, const float* const* pw,
+                   const float* const* pwb, float* pooled, float* scratch, int64_t area, int nthreads) {
+    int64_t image = h * w * channels[0], c = channels[nb];
+#ifdef _OPENMP
+    if (nthreads > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t i = 0; i < n; i++)
+            dsconv_image(x + i * image, h, w, nb, channels, strides, dw, dwb, pw, pwb, pooled + i * c,
+                         scratch + 2 * area * omp_get_thread_num(), area);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++)
+        dsconv_image(x + i * image, h, w, nb, channels, strides, dw, dwb, pw, pwb, pooled + i * c, scratch, area);
+}
+
 /* GELU of n floats (n a multiple of 16), for tests. */
 void gelu_f32(const float* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(x + i)));
@@ -474,6 +550,9 @@ int vit_blocks(int64_t depth, int64_t batch, int64_t n, int64_t m, int64_t d, in
 void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const float* bias, float* out, int64_t n,
                 int nthreads) {}
 void gelu_f32(const float* x, float* y, int64_t n) {}
+void dsconv_blocks(const float* x, int64_t n, int64_t h, int64_t w, int64_t nb, const int64_t* channels,
+                   const int64_t* strides, const float* const* dw, const float* const* dwb, const float* const* pw,
+                   const float* const* pwb, float* pooled, float* scratch, int64_t area, int nthreads) {}
 #endif
 """
 
@@ -487,6 +566,8 @@ _LIBRARY = native.NativeLibrary(
                               native.INT]),
         "vit_blocks": (native.INT, [native.I64] * 7 + [native.PTR] * 7 + [native.INT]),
         "gelu_f32": (None, [native.PTR, native.PTR, native.I64]),
+        "dsconv_blocks": (None, [native.PTR, native.I64, native.I64, native.I64, native.I64] + [native.PTR] * 8
+                          + [native.I64, native.INT]),
     },
     switch="TYMPAN_SMALL_GEMM",
     optional_flags=("-fopenmp",),
@@ -722,4 +803,63 @@ def gelu(x: Tensor) -> Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _LIBRARY.lib().gelu_f32(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+@dataclass
+class DSConvStack:
+    """The C kernel's view of a stack of MobileNet-v1 blocks (from :func:`dsconv_stack`): sizes and pointers to
+    weights it keeps alive."""
+
+    channels: list[int]
+    strides: list[int]
+    arrays: tuple  # ctypes arrays: channels, strides, depthwise taps, their biases, packed pointwise, their biases
+    keep: list[Tensor]
+
+
+def dsconv_stack(layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, int]]) -> DSConvStack | None:
+    """Prepare blocks for :func:`run_dsconv`: per block (depthwise weight ``[C, 1, 3, 3]``, its bias ``[C]``,
+    pointwise weight ``[C_out, C]``, its bias ``[C_out]``, stride). ``None`` when the kernel does not apply (not
+    built, no AVX-512, disabled, channels not multiples of 32, other shapes or dtypes)."""
+    if not (ENABLED and layers and available()):
+        return None
+    channels, strides, keep = [int(layers[0][0].shape[0])], [], []
+    taps, tap_bias, packed, packed_bias = [], [], [], []
+    for dw, dw_b, pw, pw_b, stride in layers:
+        cin, cout = int(dw.shape[0]), int(pw.shape[0])
+        tensors = (dw, dw_b, pw, pw_b)
+        if (tuple(dw.shape) != (cin, 1, 3, 3) or tuple(pw.shape) != (cout, cin) or cin != channels[-1]
+                or cin % PANEL or cout % PANEL or cin > MAX_K or stride < 1
+                or any(x.dtype != torch.float32 or x.device.type != "cpu" for x in tensors)):  # fmt: skip
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            parts = (dw.reshape(cin, 9).t().contiguous(), dw_b.contiguous(), pack_weight(pw), pw_b.contiguous())
+        keep += parts
+        for target, x in zip((taps, tap_bias, packed, packed_bias), parts):
+            target.append(x.data_ptr())
+        channels.append(cout)
+        strides.append(int(stride))
+    pointers = [(ctypes.c_void_p * len(v))(*v) for v in (taps, tap_bias, packed, packed_bias)]
+    arrays = ((ctypes.c_int64 * len(channels))(*channels), (ctypes.c_int64 * len(strides))(*strides), *pointers)
+    return DSConvStack(channels, strides, arrays, keep)
+
+
+def run_dsconv(stack: DSConvStack, x: Tensor) -> Tensor:
+    """NHWC images ``x [n, h, w, C]`` (float32, after the stem's ReLU) -> the stack's output averaged over
+    positions, ``[n, C_last]``. Results match the convolutions and products of PyTorch to float rounding (each
+    output's sum in a fixed order, independent of ``n`` and of the thread count)."""
+    n, h, w, c = x.shape
+    if c != stack.channels[0]:
+        raise ValueError(f"the stack takes {stack.channels[0]} channels, got {c}")
+    x = x.contiguous()
+    area, hh, ww = 1, h, w
+    for cin, cout, s in zip(stack.channels[:-1], stack.channels[1:], stack.strides):
+        hh, ww = (hh - 1) // s + 1, (ww - 1) // s + 1
+        area = max(area, hh * ww * max(cin, cout))
+    threads = _threads(n)
+    scratch = torch.empty(threads * 2 * area, dtype=torch.float32)
+    out = torch.empty(n, stack.channels[-1], dtype=torch.float32)
+    if n:
+        _LIBRARY.lib().dsconv_blocks(x.data_ptr(), n, h, w, len(stack.strides), *stack.arrays, out.data_ptr(),
+                                     scratch.data_ptr(), area, threads)
     return out
