@@ -362,3 +362,25 @@ def test_embed_exits_1_when_it_skipped_a_file(data_dir, tmp_path, capsys):
                  "--clip-seconds", "1", "--quiet"]) == 1
     printed = capsys.readouterr().out
     assert "2 clips x" in printed and "skipped" in printed and "broken.wav" in printed
+
+
+def test_embed_threads_flag_is_applied_and_checked(data_dir, tmp_path, capsys):
+    """`embed --threads N` runs the batches on N torch threads (the flag used to be accepted and ignored); 0 is a
+    one-line usage error before any work."""
+    import torch
+
+    clips = sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[:2]
+    datafile = tmp_path / "two.json"
+    datafile.write_text(json.dumps({"data": [{"wav": str(p), "labels": "x"} for p in clips]}))
+    out = tmp_path / "emb.safetensors"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["embed", str(datafile), "-o", str(out), "--threads", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1 and out.is_file()
+        capsys.readouterr()
+        assert main(["embed", str(datafile), "-o", str(tmp_path / "x.safetensors"), "--threads", "0"]) == 2
+        assert capsys.readouterr().err.strip() == "tympan embed: error: --threads must be at least 1"
+        assert not (tmp_path / "x.safetensors").exists()
+    finally:
+        torch.set_num_threads(before)

@@ -236,10 +236,12 @@ def _load_model(args: argparse.Namespace):
     return _apply_precision(model, getattr(args, "precision", "fp32"))
 
 
-def _add_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads to use (default: all cores). A model whose ops are too small to split runs each "
-                   "file on fewer (its hint: 1 for the default model) and 'tag' then tags N / hint files at once")  # fmt: skip
+_THREADS_HELP = ("CPU threads to use (default: all cores). A model whose ops are too small to split runs each file on "
+                 "fewer (its hint: 1 for the default model) and tags N / hint files at once")
+
+
+def _add_threads_argument(p: argparse.ArgumentParser, help: str = _THREADS_HELP) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=help)
 
 
 def _apply_threads(args: argparse.Namespace, model) -> None:
@@ -742,13 +744,19 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_backend_arguments(p)
     _add_precision_argument(p)
-    _add_threads_argument(p)
+    _add_threads_argument(p, help="torch threads for the batches of clips (default: all cores)")
 
 
 def _run_embed(args: argparse.Namespace) -> int:
     from tympan.eval.embed import embed_main
 
     _check_precision_backend(args)
+    if args.threads is not None:  # batches of clips: every thread helps, whatever the model's one-stream hint
+        if args.threads < 1:
+            raise UserError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.backend == "onnx":
         return _run_embed_onnx(args)
     checkpoint = str(args.checkpoint) if args.checkpoint else None  # JSON-safe in the metadata
