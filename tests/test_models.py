@@ -43,6 +43,27 @@ def _loss(model: AudioModel, features: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_registered_config_builds_within_the_size_limit(model_id):
+    """`check_config` trusts the registered config as it is (no meta build at every load): here each one must build
+    on the meta device within MAX_PARAMETERS (a changed config is built and checked at load: tests/test_config.py)."""
+    from tympan.models.registry import check_builds
+
+    check_builds(model_id, dict(get_model_entry(model_id).config))
+
+
+def test_loading_a_registered_config_does_not_import_dynamo():
+    """A meta build's first Python meta kernel imports torch._dynamo (~1.5 s of every `tympan tag` run): checking a
+    registered config (what a shipped or official checkpoint's sidecar holds) must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tympan.models import list_models; from tympan.models.registry import check_config; "
+            "[check_config(m, {}) for m in list_models()]; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_registry_entry_declares_the_protocol(model_id):
     entry = get_model_entry(model_id)
     model = tiny_model(model_id)

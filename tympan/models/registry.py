@@ -146,11 +146,21 @@ def check_config(model_id: str, config: Mapping[str, Any], where: str = "config"
             raise ConfigError(f"unknown config key {where}.{name} for model {model_id!r}")
         _check_value(value, settings[name], f"{where}.{name}")
     full = {**dict(entry.config), **{k: v for k, v in config.items() if v is not None}}
+    if full != dict(entry.config):  # the registered config itself builds (tests check every one): no meta build,
+        check_builds(model_id, full, where)  # whose first Python meta kernel imports torch._dynamo (~1.5 s a load)
+    return dict(config)
+
+
+def check_builds(model_id: str, config: Mapping[str, Any], where: str = "config") -> None:
+    """Build ``model_id`` with the complete `config` on the meta device (nothing allocated): the builder's own refusal
+    of an impossible config, or a size past :data:`MAX_PARAMETERS`, raises :class:`tympan.errors.ConfigError`."""
     import torch
+
+    from tympan.errors import ConfigError
 
     try:
         with torch.device("meta"):
-            probe = entry.build(**full)
+            probe = get_model_entry(model_id).build(**config)
     except Exception as err:  # noqa: BLE001 (the builder's own refusal of an impossible config)
         text = str(err).strip().splitlines()
         raise ConfigError(f"{where}: does not build {model_id} ({text[0] if text else type(err).__name__})") from None
@@ -158,7 +168,6 @@ def check_config(model_id: str, config: Mapping[str, Any], where: str = "config"
     if count > MAX_PARAMETERS:
         raise ConfigError(f"{where}: {model_id} with these settings would hold {count:.3g} weights "
                           f"(limit {MAX_PARAMETERS:.0e}); check the sizes")  # fmt: skip
-    return dict(config)
 
 
 def _describe(value: Any) -> str:

@@ -24,6 +24,7 @@ Distilled from YAMNet (521 AudioSet classes) on audio built here (``recipes/defa
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from pathlib import Path
@@ -62,6 +63,23 @@ def _mel_matrix() -> Tensor:
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
     weights = torch.clamp(torch.minimum((bin_mels - lower) / (centre - lower), (upper - bin_mels) / (upper - centre)), min=0)
     return torch.cat([torch.zeros(1, NUM_MELS, dtype=torch.float64), weights]).float()
+
+
+@functools.lru_cache(maxsize=1)
+def _frontend_constants() -> dict[str, Tensor]:
+    """The frontend's float32 CPU constants: periodic Hann ``window`` (400), ``window_nfft`` (the window
+    zero-padded to 512: frames cut 512 wide need no padding inside rfft), the ``mel`` matrix ``[257, 64]`` and the
+    windowed real-DFT ``basis`` ``[400, 514]`` (cos | -sin) for ``dft="matmul"``. Callers copy them."""
+    cpu = torch.device("cpu")
+    n = torch.arange(WINDOW, dtype=torch.float64, device=cpu)
+    window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / WINDOW)
+    k = torch.arange(NFFT // 2 + 1, dtype=torch.float64, device=cpu)
+    angle = 2 * math.pi * n[:, None] * k[None, :] / NFFT
+    basis = torch.cat([torch.cos(angle), -torch.sin(angle)], 1) * window[:, None]
+    with torch.device(cpu):
+        mel = _mel_matrix()
+    return {"window": window.float(), "window_nfft": F.pad(window.float(), (0, NFFT - WINDOW)), "mel": mel,
+            "basis": basis.float()}  # fmt: skip
 
 
 def _tracing() -> bool:
@@ -116,16 +134,11 @@ class YAMNetLogMel(nn.Module):
         if dft not in ("fft", "matmul"):
             raise ValueError(f"dft must be 'fft' or 'matmul', got {dft!r}")
         self.dft, self.pad = dft, pad
-        n = torch.arange(WINDOW, dtype=torch.float64)
-        window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / WINDOW)
-        self.register_buffer("window", window.float(), persistent=False)
-        # the window zero-padded to the FFT size: frames cut 512 wide need no padding inside rfft
-        self.register_buffer("window_nfft", F.pad(window.float(), (0, NFFT - WINDOW)), persistent=False)
-        self.register_buffer("mel", _mel_matrix(), persistent=False)
-        k = torch.arange(NFFT // 2 + 1, dtype=torch.float64)
-        angle = 2 * math.pi * n[:, None] * k[None, :] / NFFT
-        basis = torch.cat([torch.cos(angle), -torch.sin(angle)], 1) * window[:, None]
-        self.register_buffer("basis", basis.float(), persistent=False)
+        # computed once on the CPU, then copied to the default device (a meta build, e.g. the registry's config
+        # check, then makes no meta arange, whose decomposition imports torch._dynamo: ~1.3 s at every load)
+        device = torch.get_default_device()
+        for name, value in _frontend_constants().items():
+            self.register_buffer(name, value.to(device, copy=True), persistent=False)
 
     def forward(self, waveform: Tensor) -> Tensor:
         if waveform.dim() == 1:
