@@ -348,7 +348,7 @@ def _run_tag(args: argparse.Namespace) -> int:
     import json
 
     from tympan.audio import AudioError
-    from tympan.inference.tagging import Tagger, tag_files
+    from tympan.inference.tagging import Tagger, tag_files, tags_or_error
 
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
@@ -371,7 +371,7 @@ def _run_tag(args: argparse.Namespace) -> int:
     if runner is not None:
         from tympan.export import onnx_tag_file
 
-        results = ((path, _tag_or_error(lambda p=path: onnx_tag_file(runner, p, chunk_seconds=args.chunk)))
+        results = ((path, tags_or_error(lambda p=path: onnx_tag_file(runner, p, chunk_seconds=args.chunk)))
                    for path in args.files)  # fmt: skip
     else:
         results = tag_files(model, args.files, chunk_seconds=args.chunk, workers=getattr(args, "file_workers", 1),
@@ -397,19 +397,6 @@ def _run_tag(args: argparse.Namespace) -> int:
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _tag_or_error(tag: Callable[[], Any]) -> Any:
-    """``tag()``, or the AudioError/ValueError it raised (a bad file is reported, the others go on)."""
-    from tympan.audio import AudioError
-    from tympan.inference.streaming import ChunkTooShortError
-
-    try:
-        return tag()
-    except ChunkTooShortError:
-        raise
-    except (AudioError, ValueError) as err:
-        return err
 
 
 def _chunk_errors_as_user_errors(results: Iterable[Any], chunk: float | None) -> Iterator[Any]:

@@ -8,7 +8,7 @@ activation, so callers always see 16 kHz waveform -> probabilities whatever the 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,22 @@ def _progress_bar(seconds: float, name: str) -> Any:
     return tqdm(total=round(seconds, 2), unit="s", desc=name)
 
 
+def tags_or_error(tag: Callable[[], FileTags]) -> FileTags | Exception:
+    """``tag()``, or the error of a file that cannot be tagged (bad audio, too short: an
+    :class:`~tympan.audio.AudioError` or ``ValueError``), returned so that a batch job goes on past it. A chunk
+    shorter than the model's step (:class:`~tympan.inference.streaming.ChunkTooShortError`) fails every file alike
+    and propagates."""
+    from tympan.audio import AudioError
+    from tympan.inference.streaming import ChunkTooShortError
+
+    try:
+        return tag()
+    except ChunkTooShortError:
+        raise
+    except (AudioError, ValueError) as err:
+        return err
+
+
 def tag_files(
     model: nn.Module,
     paths: Iterable[str | os.PathLike],
@@ -124,20 +140,12 @@ def tag_files(
     not. Results are the same as one at a time. ``progress`` shows one bar per file with one worker, one bar over
     the files with several. Other exceptions (e.g. a ``--chunk`` shorter than the model's step) propagate.
     """
-    from tympan.audio import AudioError
-    from tympan.inference.streaming import ChunkTooShortError
-
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     paths = list(paths)
 
     def one(path: str | os.PathLike, bar: bool) -> FileTags | Exception:
-        try:
-            return tag_file(model, path, chunk_seconds=chunk_seconds, progress=bar)
-        except ChunkTooShortError:
-            raise
-        except (AudioError, ValueError) as err:
-            return err
+        return tags_or_error(lambda: tag_file(model, path, chunk_seconds=chunk_seconds, progress=bar))
 
     if workers == 1 or len(paths) < 2:
         for path in paths:
