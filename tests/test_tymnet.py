@@ -407,14 +407,36 @@ def test_shipped_model_follows_the_demo_scene():
 
 
 # ------------------------------------------------------------------------------------------ training recipe
-def _train_script():
+def _recipe_script(name: str = "train"):
     import importlib.util
 
-    path = LABELS_CSV.parents[2] / "recipes" / "default_model" / "train.py"
-    spec = importlib.util.spec_from_file_location("default_model_train", path)
+    path = LABELS_CSV.parents[2] / "recipes" / "default_model" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"default_model_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _train_script():
+    return _recipe_script("train")
+
+
+@torch.no_grad()
+def test_widened_student_computes_what_it_was_widened_from(long_features):
+    """recipes/default_model/widen.py (v6's warm start): the last block widened by copies of its channels, the head
+    and projection split over them, gives the same outputs (exactly so without noise, closely with it)."""
+    widen = _recipe_script("widen").widen
+    torch.manual_seed(0)
+    small = _random_batchnorms(create_model("tymnet-s")).eval()
+    features = long_features[:1, :400]
+    wide_config = (32, 64, 128, 128, 256, 256, 700)
+    for noise, tol in ((0.0, 2e-5), (0.01, 0.05)):
+        wide = create_model("tymnet-s", channels=wide_config).eval()
+        wide.load_state_dict(widen(small.state_dict(), 700, noise=noise))
+        torch.testing.assert_close(wide(features), small(features), atol=tol, rtol=0)
+        torch.testing.assert_close(wide.embed(features).scene, small.embed(features).scene, atol=tol * 10, rtol=1e-3)
+    with pytest.raises(ValueError, match="narrower"):
+        widen(small.state_dict(), 256)
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["stored-labels", "online-teacher"])
