@@ -196,3 +196,23 @@ def test_embed_writes_through_a_temporary_of_its_own_and_reads_only_the_clip(tmp
     long = _wav(tmp_path / "long.wav", np.random.default_rng(2).uniform(-0.5, 0.5, 16000 * 40).astype(np.float32))
     np.testing.assert_array_equal(_load_clip(str(long), 16000 * 3), audio.load(long)[: 16000 * 3])
     assert len(_load_clip(str(long), 16000 * 50)) == 16000 * 50  # zero-padded past the end
+
+
+def test_cache_root_is_one_rule_and_an_empty_variable_is_unset(tmp_path, monkeypatch):
+    """Weights, unzipped ONNX models and built kernels share one cache root. `export TYMPAN_CACHE=` (empty) used to
+    make the kernels land in ./kernels of whatever folder a command ran in; now it means the default."""
+    from pathlib import Path
+
+    from tympan.checkpoints import cache_dir
+    from tympan.files import cache_root
+    from tympan.ops import native
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for value in ("", "  "):
+        monkeypatch.setenv("TYMPAN_CACHE", value)
+        assert cache_root() == tmp_path / "home" / ".cache" / "tympan" == cache_dir()
+        assert native.cache_dir() == cache_root() / "kernels"
+    monkeypatch.setenv("TYMPAN_CACHE", "~/elsewhere")
+    assert cache_root() == Path(tmp_path / "home" / "elsewhere") == cache_dir()
+    monkeypatch.delenv("TYMPAN_CACHE")
+    assert native.cache_dir() == tmp_path / "home" / ".cache" / "tympan" / "kernels"

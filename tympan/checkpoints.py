@@ -48,8 +48,10 @@ _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
 
 
 def cache_dir() -> Path:
-    """Where downloaded weights live: ``$TYMPAN_CACHE`` or ``~/.cache/tympan``."""
-    return Path(os.environ.get("TYMPAN_CACHE", Path.home() / ".cache" / "tympan"))
+    """Where downloaded weights live: :func:`tympan.files.cache_root` (``$TYMPAN_CACHE`` or ``~/.cache/tympan``)."""
+    from tympan.files import cache_root
+
+    return cache_root()
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:

@@ -18,9 +18,16 @@ from typing import Callable
 
 from tympan.errors import OutputError
 
-__all__ = ["atomic_write", "sweep_stale_temporaries", "unique_names"]
+__all__ = ["atomic_write", "cache_root", "sweep_stale_temporaries", "unique_names"]
 
 _TMP = re.compile(r"\.tmp(\d+)(?:\.|$)")
+
+
+def cache_root() -> Path:
+    """tympan's cache folder (downloaded weights, unzipped ONNX models, built C kernels): ``$TYMPAN_CACHE`` (``~``
+    expanded), else ``~/.cache/tympan``. An empty ``TYMPAN_CACHE`` counts as unset (not the current folder)."""
+    value = os.environ.get("TYMPAN_CACHE", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "tympan"
 
 
 def _umask() -> int:

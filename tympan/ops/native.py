@@ -54,7 +54,9 @@ def _cpu_signature() -> str:
 
 def cache_dir() -> Path:
     """Where built libraries live: ``$TYMPAN_CACHE/kernels`` or ``~/.cache/tympan/kernels``."""
-    return Path(os.environ.get("TYMPAN_CACHE", Path.home() / ".cache" / "tympan")) / "kernels"
+    from tympan.files import cache_root
+
+    return cache_root() / "kernels"
 
 
 class NativeLibrary:
