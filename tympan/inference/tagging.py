@@ -159,8 +159,7 @@ def tag_files(
     with ThreadPoolExecutor(min(workers, len(paths)), thread_name_prefix="tympan-tag") as pool, \
             tqdm(total=len(paths), unit="file", disable=not progress) as bar:  # fmt: skip
         pending: deque = deque()
-        queued = iter(paths)
-        for path in queued:  # a bounded window of files in flight: results are yielded (and freed) in order
+        for path in paths:  # a bounded window of files in flight: results are yielded (and freed) in order
             pending.append((path, pool.submit(one, path, False)))
             if len(pending) >= 2 * workers:
                 done, future = pending.popleft()
