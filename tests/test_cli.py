@@ -384,3 +384,18 @@ def test_embed_threads_flag_is_applied_and_checked(data_dir, tmp_path, capsys):
         assert not (tmp_path / "x.safetensors").exists()
     finally:
         torch.set_num_threads(before)
+
+
+def test_output_reader_closing_early_stops_quietly():
+    """`tympan tag ... | head`: the tagger stops when the reader goes away, exit 141 (128 + SIGPIPE) and nothing on
+    stderr (it printed "error: Broken pipe", exit 2, and Python's "Exception ignored" at exit)."""
+    import subprocess
+    import sys
+
+    demo = str(REPO / "tympan" / "assets" / "demo_scene_16k.flac")
+    args = [sys.executable, "-m", "tympan.cli", "tag", *[demo] * 40, "--chunk", "0.48", "--topk", "20"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # ~1 MB: more than a pipe holds
+    assert proc.stdout.read(100)  # the first lines arrived ...
+    proc.stdout.close()  # ... and the reader leaves, like head
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read().decode().strip() == ""

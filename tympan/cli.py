@@ -37,7 +37,8 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2.
 
     Exit statuses, every command: 0 all good, 1 some inputs were skipped (each reported on stderr), 2 a usage
-    or fatal error (one line naming the flag or file; any :class:`tympan.errors.TympanError` ends up here)."""
+    or fatal error (one line naming the flag or file; any :class:`tympan.errors.TympanError` ends up here), 130
+    interrupted (Ctrl-C), 141 the reader of the output closed it early (``| head``; nothing printed)."""
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -1110,7 +1111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tympan.errors import TympanError
 
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in an "Exception ignored" at exit
+        return status
+    except BrokenPipeError:  # `tympan tag *.wav | head`: the reader has what it wanted; stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed
     except (UserError, TympanError, CheckpointError, UnknownModelError, DatafileError, FileNotFoundError) as err:
         message = " ".join(str(err).split())  # one line, whatever the error carried
         print(f"tympan {args.command}: error: {message}", file=sys.stderr)
