@@ -450,3 +450,34 @@ def test_pack_shards_main(fsdd_small, tmp_path, capsys):
     assert [p.name for p in sorted((tmp_path / "out").glob("*.tar"))] == ["shard-000000.tar", "shard-000001.tar"]
     assert main(["shards", str(tmp_path / "nope.json"), "-o", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_datafile_and_labels_written_while_read_are_never_torn(data_dir, tmp_path):
+    """Two torchrun ranks both write `out/data/fsdd.json` and read it back: the writes are atomic, so a reader sees
+    the old or the new file, never an empty one (a 2-process training failed with "not a readable JSON datafile
+    (Expecting value: line 1 column 1)"). Here another process rewrites both files while this one reads them."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tympan.data import fsdd_datafile, read_datafile
+    from tympan.labels import read_label_csv
+
+    first = fsdd_datafile(data_dir, tmp_path / "data")
+    expected, labels = len(read_datafile(first.datafile)), len(read_label_csv(first.labels))
+    code = ("import sys; from tympan.data import fsdd_datafile\n"
+            "print('ready', flush=True)\n"
+            "while True: fsdd_datafile(sys.argv[1], sys.argv[2])\n")  # fmt: skip
+    writer = subprocess.Popen([sys.executable, "-c", code, str(data_dir), str(tmp_path / "data")],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # raw reads: many per rewrite, so a torn file would be met
+            assert len(json.loads(Path(first.datafile).read_text())["data"]) == expected
+            assert Path(first.labels).read_text().count("\n") == labels + 1
+        assert len(read_datafile(first.datafile)) == expected and writer.poll() is None  # it was writing all along
+    finally:
+        writer.kill()
+        writer.wait()

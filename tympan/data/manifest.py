@@ -178,24 +178,32 @@ def read_datafile(path: str | os.PathLike) -> Manifest:
 
 
 def write_datafile(records: Iterable[Record], path: str | os.PathLike, relative: bool = False) -> Path:
-    """Write records as a JSON datafile. With ``relative=True`` paths are stored relative to its folder."""
+    """Write records as a JSON datafile. With ``relative=True`` paths are stored relative to its folder.
+
+    Written atomically: a reader (e.g. another rank of a torchrun job writing the same file) sees the old or the new
+    file, never an empty or half-written one."""
+    from tympan.files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.resolve().parent
     entries = [r.to_json(os.path.relpath(r.wav, folder) if relative else None) for r in records]
-    path.write_text(json.dumps({"data": entries}, indent=1) + "\n")
-    return path
+    text = json.dumps({"data": entries}, indent=1) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_label_csv(labels: LabelSet, path: str | os.PathLike) -> Path:
-    """Write a class-label CSV with columns ``index,mid,display_name`` (readable by ``read_label_csv``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "mid", "display_name"])
-        writer.writerows((i, mid, name) for i, (mid, name) in enumerate(zip(labels.mids, labels.names)))
-    return path
+    """Write a class-label CSV with columns ``index,mid,display_name`` (readable by ``read_label_csv``), atomically
+    (see :func:`write_datafile`)."""
+    from tympan.files import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "mid", "display_name"])
+            writer.writerows((i, mid, name) for i, (mid, name) in enumerate(zip(labels.mids, labels.names)))
+
+    return atomic_write(path, write)
 
 
 class MultiHot:
