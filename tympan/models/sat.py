@@ -38,7 +38,6 @@ model (the converter then cuts ``time_pos_embed`` as the original ``load_state_d
 
 from __future__ import annotations
 
-import operator
 import threading
 
 import torch
@@ -55,10 +54,10 @@ from tympan.models.layers import Block
 from tympan.models.protocol import Embeddings, State, weighted_mean
 from tympan.models.registry import ModelEntry, Weights, register_model
 from tympan.ops import small_gemm
+from tympan.ops.weights import fingerprint
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
-_VERSION = operator.attrgetter("_version")
 FAST_STEP = True  # inference through SAT.stream_features; False: the block modules (SAT.reference_features)
 
 
@@ -301,9 +300,7 @@ class SAT(SpectrogramTransformer):
         for block in list(self.blocks._modules.values())[1:]:
             for module in (block._modules["norm1"], block._modules["attn"]._modules["qkv"]):
                 tensors += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-        if any(map(Tensor.is_inference, tensors)):
-            return None
-        return (*map(Tensor.data_ptr, tensors), *map(_VERSION, tensors))
+        return fingerprint(tensors)
 
     def step_spectrogram(self, spec: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One streaming step on a normalised chunk: (logits ``[B, C]``, new cache)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from tympan.errors import CheckpointError
 from tympan.models.protocol import AudioModel, Embeddings, State
 from tympan.models.registry import ModelEntry, Weights, register_model
 from tympan.ops.small_gemm import DSConvStack, dsconv_stack, run_dsconv
+from tympan.ops.weights import fingerprint
 
 __all__ = ["ChecksumError", "DSBlock", "LABELS_CSV", "TymNet", "YAMNetLogMel", "load_shipped"]
 
@@ -48,7 +48,6 @@ PATCH_FRAMES, PATCH_HOP_FRAMES = 96, 48
 PATCH_HOP_SAMPLES = PATCH_HOP_FRAMES * HOP  # 7680
 MIN_SAMPLES = (PATCH_FRAMES - 1) * HOP + WINDOW  # 15600
 LOG_OFFSET = 0.001
-_VERSION = operator.attrgetter("_version")
 LABELS_CSV = Path(__file__).resolve().parent.parent / "assets" / "tymnet_labels.csv"
 
 
@@ -254,9 +253,10 @@ class TymNet(AudioModel):
         self.classifier = "head"
         self.block_types = (DSBlock,)
         self.to(memory_format=torch.channels_last)  # oneDNN's depthwise convolutions are ~2x faster in NHWC
-        # (sources, their versions, folded weights) of folded_weights(): a plain attribute, not state
-        self._fold_cache: tuple[list[Tensor], tuple, list[Tensor]] | None = None  # (sources, their key, folded)
-        self._stack_cache: tuple[list[Tensor], DSConvStack | None] | None = None  # (folded weights, C kernel's view)
+        # plain attributes, not state: folded_weights()'s (sources, their key, folded weights) and the C kernel's
+        # view of those folded weights
+        self._fold_cache: tuple[list[Tensor], tuple, list[Tensor]] | None = None
+        self._stack_cache: tuple[list[Tensor], DSConvStack | None] | None = None
 
     # ----------------------------------------------------------------------------------------- folded inference
     def _conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -292,11 +292,8 @@ class TymNet(AudioModel):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self._fold(pairs)
         tensors, eps = self._fold_sources(pairs)
-        try:  # C-level loops: this check runs on every eval call
-            key: tuple | None = (list(map(id, tensors)), list(map(_VERSION, tensors)),
-                                 list(map(Tensor.data_ptr, tensors)), eps)  # fmt: skip
-        except RuntimeError:  # "Inference tensors do not track version counter"
-            key = None
+        storage = fingerprint(tensors)  # None for inference tensors: nothing cached
+        key = None if storage is None else (storage, tuple(map(id, tensors)), tuple(eps))
         cache = self._fold_cache
         if key is None or cache is None or cache[1] != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable later under autograd too

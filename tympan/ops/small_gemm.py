@@ -34,7 +34,6 @@ included), or modules other than the plain ones (e.g. the int8 mode's ``Int8Line
 from __future__ import annotations
 
 import ctypes
-import operator
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from tympan.ops import native
+from tympan.ops.weights import fingerprint
 
 __all__ = ["linear", "available", "openmp", "pack_weight", "block_table", "run_blocks", "BlockTable", "DSConvStack",
            "dsconv_stack", "run_dsconv"]
@@ -595,7 +595,7 @@ def pack_weight(weight: Tensor) -> Tensor:
 
 def _packed_weight(module: nn.Linear) -> Tensor:
     weight = module.weight
-    key = (weight.data_ptr(), weight._version, *weight.shape)
+    key = (fingerprint((weight,)), tuple(weight.shape))
     entry = _packed.get(module)
     if entry is None or entry[0] != key:
         entry = (key, pack_weight(weight))
@@ -651,8 +651,7 @@ class BlockTable:
 
     modules: list[nn.Module]
     dicts: list[dict]  # the ``_parameters`` of the norms and products
-    versions: list[int]
-    addresses: list[int]
+    fingerprint: tuple[int, ...] | None  # of the tensors below (tympan.ops.weights.fingerprint)
     tensors: list[Tensor]
     pointers: ctypes.Array
     eps: ctypes.Array
@@ -666,10 +665,8 @@ class BlockTable:
         if modules != self.modules:  # identity: modules define no __eq__
             return False
         tensors = [t for params in self.dicts for t in params.values() if t is not None]
-        return list(map(_VERSION, tensors)) == self.versions and list(map(Tensor.data_ptr, tensors)) == self.addresses
+        return fingerprint(tensors) == self.fingerprint
 
-
-_VERSION = operator.attrgetter("_version")
 _tables: weakref.WeakKeyDictionary[nn.Module, BlockTable] = weakref.WeakKeyDictionary()
 _PER_BLOCK = 8  # norm1, qkv, proj, norm2, fc1, fc2, GELU, the block itself
 
@@ -749,7 +746,7 @@ def _build_table(modules: list[nn.Module]) -> BlockTable | None:
     keep = [t.detach().contiguous() for t in slots if t is not None]
     contiguous = iter(keep)
     pointers = [None if t is None else next(contiguous).data_ptr() for t in slots]
-    return BlockTable(modules, dicts, list(map(_VERSION, tensors)), list(map(Tensor.data_ptr, tensors)), tensors,
+    return BlockTable(modules, dicts, fingerprint(tensors), tensors,
                       (ctypes.c_void_p * len(pointers))(*pointers), (ctypes.c_float * len(eps))(*eps), keep,
                       dim, heads, hidden)
 
