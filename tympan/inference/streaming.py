@@ -128,8 +128,7 @@ class Streamer:
     # ----------------------------------------------------------------------------------------- input
     def push(self, audio: Tensor | np.ndarray) -> list[ChunkResult]:
         """Append samples (``[n]`` for one stream, ``[streams, n]``); return the results of chunks completed now."""
-        audio = self._check_streams(
-            torch.as_tensor(np.asarray(audio) if not isinstance(audio, Tensor) else audio, dtype=torch.float32))
+        audio = self._as_streams(audio)
         if self.streaming:
             return self._push_steps(audio)
         results = []
@@ -142,7 +141,9 @@ class Streamer:
                 results.append(self._run(self._take_pending(), partial=False))
         return results
 
-    def _check_streams(self, audio: Tensor) -> Tensor:
+    def _as_streams(self, audio: Tensor | np.ndarray) -> Tensor:
+        """Pushed samples as float32 ``[streams, n]``, their shape checked."""
+        audio = torch.as_tensor(np.asarray(audio) if not isinstance(audio, Tensor) else audio, dtype=torch.float32)
         if audio.ndim == 1:
             audio = audio[None]
         if audio.ndim != 2 or audio.shape[0] != self.streams:
@@ -257,8 +258,7 @@ class Streamer:
         if held is None:
             yield from self.flush()
             return
-        audio = torch.as_tensor(np.asarray(held) if not isinstance(held, Tensor) else held, dtype=torch.float32)
-        yield from self._push_steps(self._check_streams(audio), final=True)
+        yield from self._push_steps(self._as_streams(held), final=True)
 
     def run_file(self, path: str | os.PathLike, block_seconds: float = 30.0) -> Iterator[ChunkResult]:
         """Stream a (possibly hour-long) audio file, mono at 16 kHz, in ``block_seconds`` reads."""
