@@ -253,8 +253,7 @@ def _apply_threads(args: argparse.Namespace, model) -> None:
     ``N`` threads (torch's default when the flag is not given)."""
     if not hasattr(args, "threads"):
         return
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
+    _check_threads(args)
     import torch
 
     hint = getattr(model, "inference_threads", None)
@@ -267,6 +266,11 @@ def _apply_threads(args: argparse.Namespace, model) -> None:
     per_file = max(1, min(hint, threads))
     torch.set_num_threads(per_file)
     args.file_workers = max(1, threads // per_file)
+
+
+def _check_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
 
 
 def _available_cores() -> int:
@@ -739,9 +743,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     from tympan.eval.embed import embed_main
 
     _check_precision_backend(args)
+    _check_threads(args)
     if args.threads is not None:  # batches of clips: every thread helps, whatever the model's one-stream hint
-        if args.threads < 1:
-            raise UserError("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(args.threads)

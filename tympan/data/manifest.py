@@ -185,7 +185,6 @@ def write_datafile(records: Iterable[Record], path: str | os.PathLike, relative:
     from tympan.files import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.resolve().parent
     entries = [r.to_json(os.path.relpath(r.wav, folder) if relative else None) for r in records]
     text = json.dumps({"data": entries}, indent=1) + "\n"

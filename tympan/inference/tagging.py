@@ -7,6 +7,7 @@ activation, so callers always see 16 kHz waveform -> probabilities whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -85,28 +86,26 @@ def tag_file(
     from tympan.inference.streaming import Streamer
 
     reader = audio.stream(path, block_seconds=block_seconds, sample_rate=SAMPLE_RATE, mono=True)  # one open
-    with reader:
+    with reader, (_progress_bar(reader.info.duration, path) if progress else contextlib.nullcontext()) as bar:
         total = reader.info.duration
         streamer = Streamer(model, chunk_seconds=chunk_seconds if chunk_seconds is not None else _default_chunk(model))
         tags = FileTags(str(path))
-        bar = _progress_bar(total, os.path.basename(str(path))) if progress else None
         for result in streamer.run_blocks(reader):
             tags.starts.append(result.start)
             tags.ends.append(result.end)
             tags.chunk_probs.append(result.output[0])
             if bar is not None:
                 bar.update(round(result.end - result.start, 2))
-        if bar is not None:
-            bar.close()
     if not tags.chunk_probs:
         raise ValueError(f"{path}: too short to tag ({total:.3f} s)")
     return tags
 
 
-def _progress_bar(seconds: float, name: str) -> Any:
+def _progress_bar(seconds: float, path: str | os.PathLike) -> Any:
+    """A file's bar in seconds (built only when shown: tqdm costs more than tagging a short file's setup)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=round(seconds, 2), unit="s", desc=name)
+    return tqdm(total=round(seconds, 2), unit="s", desc=os.path.basename(str(path)))
 
 
 def tags_or_error(tag: Callable[[], FileTags]) -> FileTags | Exception:

@@ -20,11 +20,12 @@ interface and icefall's explicit streaming state:
 * streaming models (``model.streaming``): ``init_state(batch)`` and ``step(chunk, state) -> (logits, state)`` on
   waveform chunks of ``chunk_samples``; the state is a tuple of tensors, so it exports and crosses processes.
   ``init_state(batch, warm=False)`` gives an empty state (tensors with no memory entries).
-* ``model.inference_threads``: the CPU thread count one stream runs fastest on, or ``None`` (all cores); tools use
-  it when the user names none (a model of tiny ops loses more to thread hand-offs than it gains).
   ``steps(block, state) -> (logits [B, k, C], state)`` runs ``k`` consecutive steps of a block of ``k`` chunks
   (what the Streamer calls on a file or a microphone buffer); by default a loop over ``step``, vectorised by
   families whose steps can run as one batch (TymNet: the state is only past samples).
+* ``model.inference_threads``: the CPU thread count one stream runs fastest on, or ``None`` (all cores); tools
+  run one stream on it and use the other cores for other streams (``tympan tag`` on several files: a model of
+  tiny ops loses more to thread hand-offs than it gains).
 * ``model.block_types`` (the repeated layers FSDP shards and layer-wise lr decay counts) and ``model.classifier``
   (name of the head submodule, ``None`` for encoders): declared by the registry entry, class defaults otherwise.
 

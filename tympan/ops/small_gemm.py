@@ -1,4 +1,4 @@
-"""Few-row transformer products on prepacked weights (SAT-T streaming: 48 tokens), in one small AVX-512 C library.
+"""Small products on prepacked weights (SAT-T streaming: 48 tokens; TymNet's blocks), in one small AVX-512 C library.
 
 MKL repacks the weight on every call, which for 48 rows costs about as much as the product, and a streaming step
 makes ~50 such calls on 22 MB of weights. Here each ``nn.Linear`` weight is packed once into 32-column panels
