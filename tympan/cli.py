@@ -324,6 +324,7 @@ def _add_tag(sub: argparse._SubParsersAction) -> None:
         "carry their memory from chunk to chunk. Bad files are reported and skipped (exit status 1).",
         epilog="examples:\n"
         "  tympan tag clip.wav                                  the default model (tymnet-s)\n"
+        "  tympan tag clips/*.wav --threads 4 --format csv     4 files at once (one thread each for tymnet-s)\n"
         "  tympan tag clip.wav --checkpoint RUN/model.safetensors   a model trained with 'tympan train'\n"
         "  tympan tag clip.wav --model sat-tiny-2s\n"
         "  tympan tag long.flac --model ast-base384 --chunk 10 --topk 3 --plot timeline.png\n"
