@@ -51,6 +51,12 @@ def esc10_rows(shared: Path) -> list[dict[str, Any]]:
     return [r for r in rows if (shared / "data" / "esc10" / "audio" / r["filename"]).is_file()]
 
 
+def esc10_files(shared: Path) -> tuple[list[Path], float]:
+    """The ESC-10 files the speed rows tag, and their total duration in seconds."""
+    files = [shared / "data" / "esc10" / "audio" / r["filename"] for r in esc10_rows(shared)]
+    return files, sum(audio.info(f).duration for f in files)
+
+
 def fit(waveform: np.ndarray) -> np.ndarray:
     return np.pad(waveform, (0, max(0, CLIP - len(waveform))))[:CLIP]
 
@@ -91,8 +97,7 @@ def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]
     """Per file, each tagger runs `repeats` times, interleaved; a file's time is its fastest run (on a machine
     shared with other jobs, the minimum is the least disturbed), summed over files; also the plain total of the
     first pass (disturbances included)."""
-    files = [shared / "data" / "esc10" / "audio" / r["filename"] for r in esc10_rows(shared)]
-    seconds = sum(audio.info(f).frames / audio.info(f).sample_rate for f in files)
+    files, seconds = esc10_files(shared)
 
     from tympan.inference.tagging import tag_file
 
@@ -139,8 +144,7 @@ def throughput(model: Any, shared: Path, threads: int, repeats: int) -> dict[str
     from tympan.inference.tagging import tag_files
     from tympan.teachers.yamnet import YAMNet
 
-    files = [shared / "data" / "esc10" / "audio" / r["filename"] for r in esc10_rows(shared)]
-    seconds = sum(audio.info(f).duration for f in files)
+    files, seconds = esc10_files(shared)
     per_file = max(1, min(model.inference_threads or threads, threads))  # what `tympan tag --threads N` does
     workers = max(1, threads // per_file)
     onnx = shared / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip"
