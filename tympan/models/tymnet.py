@@ -66,9 +66,9 @@ def _mel_matrix() -> Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _frontend_constants() -> dict[str, Tensor]:
-    """The frontend's float32 CPU constants: periodic Hann ``window`` (400), ``window_nfft`` (the window
-    zero-padded to 512: frames cut 512 wide need no padding inside rfft), the ``mel`` matrix ``[257, 64]`` and the
-    windowed real-DFT ``basis`` ``[400, 514]`` (cos | -sin) for ``dft="matmul"``. Callers copy them."""
+    """The frontend's float32 CPU constants: ``window_nfft`` (the 400-sample periodic Hann window zero-padded to
+    512: frames cut 512 wide need no padding inside rfft), the ``mel`` matrix ``[257, 64]`` and the windowed
+    real-DFT ``basis`` ``[400, 514]`` (cos | -sin) for ``dft="matmul"``. Callers copy what they use."""
     cpu = torch.device("cpu")
     n = torch.arange(WINDOW, dtype=torch.float64, device=cpu)
     window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / WINDOW)
@@ -77,8 +77,7 @@ def _frontend_constants() -> dict[str, Tensor]:
     basis = torch.cat([torch.cos(angle), -torch.sin(angle)], 1) * window[:, None]
     with torch.device(cpu):
         mel = _mel_matrix()
-    return {"window": window.float(), "window_nfft": F.pad(window.float(), (0, NFFT - WINDOW)), "mel": mel,
-            "basis": basis.float()}  # fmt: skip
+    return {"window_nfft": F.pad(window.float(), (0, NFFT - WINDOW)), "mel": mel, "basis": basis.float()}
 
 
 def _tracing() -> bool:
@@ -137,7 +136,8 @@ class YAMNetLogMel(nn.Module):
         # check, then makes no meta arange, whose decomposition imports torch._dynamo: ~1.3 s at every load)
         device = torch.get_default_device()
         for name, value in _frontend_constants().items():
-            self.register_buffer(name, value.to(device, copy=True), persistent=False)
+            if name != ("basis" if dft == "fft" else "window_nfft"):  # each DFT its own (the basis is 0.8 MB)
+                self.register_buffer(name, value.to(device, copy=True), persistent=False)
 
     def forward(self, waveform: Tensor) -> Tensor:
         if waveform.dim() == 1:
