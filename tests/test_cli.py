@@ -24,6 +24,28 @@ def test_console_script_help():
     assert "examples:" in out
 
 
+def test_help_lists_every_command_without_building_them():
+    """`tympan --help` and a mistyped command answer without importing torch (2-6 s before); a command's own
+    parser is still the full one, and the full parser has a subcommand for every help line."""
+    from tympan.cli import COMMAND_HELP, COMMANDS, build_parser
+
+    code = ("import sys\nfrom tympan.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
+    for argv, status in ((["--help"], 0), (["tagg"], 2), (["--version"], 0)):
+        run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+        assert f"exit {status}" in run.stdout and "torch imported: False" in run.stdout, (argv, run.stdout)
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True).stdout
+    assert all(text in " ".join(out.split()) for text in COMMAND_HELP.values())  # lines wrap
+    assert set(COMMAND_HELP) == set(COMMANDS)
+    tag = build_parser("tag").parse_args(["tag", "x.wav", "--topk", "3"])
+    assert tag.topk == 3 and tag.command == "tag"
+    full = build_parser()
+    for name in COMMANDS:  # every command's own parser builds and prints its help
+        with pytest.raises(SystemExit) as info:
+            full.parse_args([name, "--help"])
+        assert info.value.code == 0
+
+
 def test_models_table(capsys):
     assert main(["models", "ast-*"]) == 0
     lines = capsys.readouterr().out.splitlines()

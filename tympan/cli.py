@@ -45,7 +45,7 @@ class UserError(Exception):
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
-        help="list the registered models",
+        help=COMMAND_HELP["models"],
         description="List the registered model ids with their family, input, labels and official weights. The "
         "weights column says whether they ship with tympan (shipped), are in the download cache ($TYMPAN_CACHE or "
         "~/.cache/tympan: cached), are fetched on first use (download), or were never released (-: train the model "
@@ -93,7 +93,7 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "features",
-        help="compute spectrogram features of audio files",
+        help=COMMAND_HELP["features"],
         description="Compute a model family's input features for each FILE and write one file per input "
         "into OUT. Every frontend writes the same layout: a 2-D array [frames, bins], one row per 10 ms frame "
         "(kaldi-fbank 23 bins, ast-fbank 128, dasheng-mel/sat-mel 64 in dB, ssam-mel 80; --bins changes it). "
@@ -318,7 +318,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _add_tag(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tag",
-        help="tag audio files with sound-event labels",
+        help=COMMAND_HELP["tag"],
         description="Tag each FILE with a classification model: clip-level top-k labels, or per-chunk labels "
         "with --chunk. Files of any length stream through the model at bounded memory; streaming models (SAT) "
         "carry their memory from chunk to chunk. Bad files are reported and skipped (exit status 1).",
@@ -541,7 +541,7 @@ def plot_timeline(tags, labels, out: Path, topk: int = 5) -> Path:
 def _add_shards(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "shards",
-        help="pack a dataset's audio into tar shards for large-scale training",
+        help=COMMAND_HELP["shards"],
         description="Pack the clips of a dataset (datafile, dataset CSV, class folders, file list) into "
         "webdataset-style tar shards ({key}.flac + {key}.json) with an index.json, for streaming training data "
         "across ranks and workers.",
@@ -583,7 +583,7 @@ def _run_shards(args: argparse.Namespace) -> int:
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "probe",
-        help="kNN / linear-probe accuracy of stored embeddings",
+        help=COMMAND_HELP["probe"],
         description="Evaluate an embeddings file (from 'tympan embed') with a cosine kNN or a linear probe "
         "(logistic regression, weight decay chosen on validation folds) under the datafile's k-fold or "
         "train/valid/test protocol. Prints a table; --output writes the per-fold figures as JSON.",
@@ -625,7 +625,7 @@ def _run_probe(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a model from a YAML recipe (fine-tuning, distillation, pretraining)",
+        help=COMMAND_HELP["train"],
         description="Train from a recipe (see recipes/). Logs go to the run folder as JSONL, checkpoints are "
         "written atomically and --resume continues bit-for-bit. Scale out with torchrun: "
         "'torchrun --nproc-per-node 4 -m tympan train RECIPE' (gloo on CPU, NCCL on GPU).",
@@ -652,7 +652,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="tagging metrics of a trained checkpoint on a datafile",
+        help=COMMAND_HELP["evaluate"],
         description="Run a checkpoint over a JSON datafile and print mAP, mAUC and d-prime (and accuracy with "
         "--metric accuracy) as JSON.",
     )
@@ -679,7 +679,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "data",
-        help="turn a dataset CSV, a class-folder tree or a file list into a datafile",
+        help=COMMAND_HELP["data"],
         description="Write the JSON datafile (and its label CSV, NAME_labels.csv) that train, evaluate, embed and "
         "probe read. SOURCE is a CSV with a file column and optionally label/fold/split columns, a folder tree "
         "class/*.wav (labels from the folder names), a folder of unlabelled audio, or a .txt list of audio files. "
@@ -714,7 +714,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "embed",
-        help="embeddings of every clip of a datafile, in one file",
+        help=COMMAND_HELP["embed"],
         description="Compute HEAR-style scene embeddings (or pooled timestamp embeddings) for every clip of a "
         "datafile with a progress bar; bad files are reported and skipped, and an interrupted run resumes "
         "from its partial file. The output feeds 'tympan probe'.",
@@ -767,7 +767,7 @@ def _add_niah(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "niah",
-        help="needle-in-an-audio-haystack duration test",
+        help=COMMAND_HELP["niah"],
         description="Insert needle clips into haystacks of zeros, white noise or babble of growing duration and "
         "measure how well the model still finds them (mAP, rank, retention). Each model reads the haystack its "
         "own way (whole sequence for DASS/SSAM, windows for AST/Dasheng, streaming for SAT). Writes niah.json, "
@@ -821,7 +821,7 @@ def _sidecar_model(checkpoint: Path | None) -> str:
 def _add_listen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "listen",
-        help="tag live audio (microphone, a PCM pipe, or a file at real-time pace) chunk by chunk",
+        help=COMMAND_HELP["listen"],
         description="Tag live audio as it arrives: one line (or JSON object) per chunk, with the same fields as "
         "'tympan tag --chunk' plus the latency from the chunk's last sample to its line. SOURCE is omitted for the "
         "default microphone (needs 'pip install tympan[live]' and the PortAudio library), '-' for raw mono PCM on "
@@ -1020,7 +1020,7 @@ def _run_embed_onnx(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a model to ONNX and verify it in onnxruntime",
+        help=COMMAND_HELP["export"],
         description="Export a model with the dynamo ONNX exporter (opset 18 by default): input 'waveform' float32 "
         "[batch, samples] at 16 kHz (dynamic length), outputs 'probabilities' (models with a head) and 'embedding' "
         "(scene embedding); one call is one model window. Streaming models (SAT) export their step "
@@ -1083,9 +1083,26 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
 }
+COMMAND_HELP: dict[str, str] = {  # `tympan --help` lists these without building every command's parser
+    "data": "turn a dataset CSV, a class-folder tree or a file list into a datafile",
+    "models": "list the registered models",
+    "features": "compute spectrogram features of audio files",
+    "tag": "tag audio files with sound-event labels",
+    "export": "export a model to ONNX and verify it in onnxruntime",
+    "listen": "tag live audio (microphone, a PCM pipe, or a file at real-time pace) chunk by chunk",
+    "shards": "pack a dataset's audio into tar shards for large-scale training",
+    "embed": "embeddings of every clip of a datafile, in one file",
+    "probe": "kNN / linear-probe accuracy of stored embeddings",
+    "niah": "needle-in-an-audio-haystack duration test",
+    "train": "train a model from a YAML recipe (fine-tuning, distillation, pretraining)",
+    "evaluate": "tagging metrics of a trained checkpoint on a datafile",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``tympan`` parser. Only ``command``'s subparser is built in full (its arguments may need torch-side
+    names); the others are listed by their help line, so ``tympan --help`` and a typo answer at once. ``None``:
+    every command in full."""
     from tympan import __version__
 
     parser = argparse.ArgumentParser(
@@ -1096,23 +1113,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tympan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name, (add, _) in COMMANDS.items():
+        if command is None or name == command:
+            add(sub)
+        else:
+            sub.add_parser(name, help=COMMAND_HELP[name])
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from tympan.checkpoints import CheckpointError
-    from tympan.data.manifest import DatafileError
-    from tympan.models.registry import UnknownModelError
+def _command(argv: Sequence[str]) -> str:
+    """The command word of `argv` (the first argument that is not an option), or ``""`` when there is none."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
-    parser = build_parser()
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     _, run = COMMANDS[args.command]
-    from tympan.errors import TympanError
+    from tympan.errors import TympanError  # checkpoint, model id, datafile, input errors all derive from it
 
     try:
         status = run(args)
@@ -1122,7 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed
-    except (UserError, TympanError, CheckpointError, UnknownModelError, DatafileError, FileNotFoundError) as err:
+    except (UserError, TympanError, FileNotFoundError) as err:
         message = " ".join(str(err).split())  # one line, whatever the error carried
         print(f"tympan {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, overload
 import torch
 
 from tympan.audio import info
+from tympan.errors import TympanError
 from tympan.labels import LabelSet, read_label_csv
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 _KNOWN_FIELDS = ("wav", "labels", "fold", "split", "duration")
 
 
-class DatafileError(ValueError):
+class DatafileError(TympanError, ValueError):
     """A datafile or label CSV that cannot be used; the message is one line naming the file and the reason."""
 
 
