@@ -192,6 +192,39 @@ def test_label_mapping_by_mid_and_append():
         label_mapping("none", 10, yamnet_like, 6)
 
 
+def test_scores_embedding_loss_terms():
+    """The default model's objective: plain BCE + (1 - cos) by default; the temperature and logit terms vanish
+    where the student equals the teacher and weigh the order of unlikely classes far more than plain BCE does."""
+    from tympan.train.objectives import scores_embedding_loss
+
+    F = torch.nn.functional
+    teacher = torch.tensor([[0.9, 0.02, 0.002, 0.0]])  # YAMNet-like: a sure class, two unlikely, one at exact 0
+    emb_s, emb_t = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.5, 2.0, 1.0]])
+    logits = torch.tensor([[1.0, -5.0, -5.0, -20.0]])
+    loss, logs = scores_embedding_loss(logits, emb_s, teacher, emb_t)
+    plain = F.binary_cross_entropy_with_logits(logits, teacher) + 1 - F.cosine_similarity(emb_s, emb_t).mean()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6) and set(logs) == {"bce", "cosine", "loss"}
+    t = 3.0
+    soft = torch.sigmoid(torch.logit(teacher, eps=1e-7) / t)
+    loss, _ = scores_embedding_loss(logits, None, teacher, None, temperature=t)
+    assert loss.item() == pytest.approx(t**2 * F.binary_cross_entropy_with_logits(logits / t, soft).item(), rel=1e-6)
+
+    def grads(**options: float) -> torch.Tensor:
+        z = logits.clone().requires_grad_(True)
+        scores_embedding_loss(z, None, teacher, None, **options)[0].backward()
+        return z.grad[0]
+
+    at_teacher = torch.logit(teacher, eps=1e-7).requires_grad_(True)
+    for options in ({"temperature": 3.0}, {"logit_weight": 1.0}):  # the optional terms are zero at the teacher
+        scores_embedding_loss(at_teacher, None, teacher, None, **{"temperature": 1.0, **options})[0].backward()
+        assert at_teacher.grad[0].abs().max() < 1e-5
+        at_teacher.grad = None
+    # classes 1 and 2 (teacher 0.02 and 0.002, student both at -5): BCE barely tells them apart, the others do
+    plain, tempered, logit = grads(), grads(temperature=3.0), grads(logit_weight=1.0)
+    assert abs(plain[1] - plain[2]) < 0.02 / 4
+    assert abs(tempered[1] - tempered[2]) > 5 * abs(plain[1] - plain[2])
+    assert logit[1] < 0 < logit[2] and abs(logit[1] - logit[2]) > 10 * abs(plain[1] - plain[2])
+    assert logit[3] == plain[3]  # below the floor on both sides: the logit term adds nothing
 # ------------------------------------------------------------------------------------------ training runs
 def test_training_runs_and_evaluation_matches_metrics(tmp_path, data_dir):
     trainer, summary = run(data_dir, tmp_path / "run", **{"train.average_last": 2, "train.ema": 0.9})

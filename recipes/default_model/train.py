@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg)
         logits, _, projected = model.patch_outputs(x)
-        loss, logs = scores_embedding_loss(logits, projected, scores, embeddings, cfg["embed_weight"])
+        loss, logs = scores_embedding_loss(logits, projected, scores, embeddings, cfg["embed_weight"],
+                                           cfg.get("temperature", 1.0), cfg.get("logit_weight", 0.0),
+                                           cfg.get("logit_floor", -8.0))  # fmt: skip
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()

@@ -326,16 +326,33 @@ class ModelLossObjective(nn.Module):
 
 # ------------------------------------------------------------------------------------------ scores + embedding
 def scores_embedding_loss(logits: Tensor, projected: Tensor | None, teacher_probs: Tensor,
-                          teacher_embedding: Tensor | None, embed_weight: float = 1.0) -> tuple[Tensor, Logs]:  # fmt: skip
+                          teacher_embedding: Tensor | None, embed_weight: float = 1.0, temperature: float = 1.0,
+                          logit_weight: float = 0.0, logit_floor: float = -8.0) -> tuple[Tensor, Logs]:  # fmt: skip
     """Distillation on a teacher's per-window class probabilities and embedding (the default model's objective).
 
     ``BCEWithLogits(logits, teacher_probs) + embed_weight * (1 - cos(projected, teacher_embedding))``, batch means:
     the student learns the teacher's multi-label scores and, through a projection of its own embedding, the
     direction of the teacher's embedding (YAMNet's 1024-d), which carries what a probe later reads.
+
+    Two optional terms weigh what plain BCE barely sees, the order of the *unlikely* classes (a teacher score of
+    0.02 against 0.002 moves BCE's gradient by 0.018; it decides which clips rank first for a rare class):
+    ``temperature`` T > 1 compares ``sigmoid(z / T)`` (scaled by T^2, the usual distillation form) instead of the
+    probabilities; ``logit_weight`` adds a Smooth-L1 between the logits, both floored at ``logit_floor`` (below it
+    the teacher says "absent" and the exact value carries no ranking).
     """
-    bce = F.binary_cross_entropy_with_logits(logits.float(), teacher_probs.float())
+    teacher_probs = teacher_probs.float()
+    if temperature == 1.0:
+        bce = F.binary_cross_entropy_with_logits(logits.float(), teacher_probs)
+    else:
+        soft = torch.sigmoid(torch.logit(teacher_probs, eps=1e-7) / temperature)
+        bce = F.binary_cross_entropy_with_logits(logits.float() / temperature, soft) * temperature**2
     logs: Logs = {"bce": float(bce.detach())}
     loss = bce
+    if logit_weight:
+        target = torch.logit(teacher_probs, eps=1e-7).clamp_min(logit_floor)
+        matched = F.smooth_l1_loss(logits.float().clamp_min(logit_floor), target)
+        loss = loss + logit_weight * matched
+        logs["logit"] = float(matched.detach())
     if projected is not None and teacher_embedding is not None and embed_weight:
         cosine = F.cosine_similarity(projected.float(), teacher_embedding.float(), dim=-1).mean()
         loss = loss + embed_weight * (1.0 - cosine)
