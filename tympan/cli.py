@@ -12,7 +12,10 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from tympan.labels import LabelSet
 
 EPILOG = """examples:
   tympan tag clip.wav --model sat-tiny-2s         top-5 AudioSet tags of a file
@@ -148,7 +151,6 @@ def frames_by_bins(features, bins: int | None):
 
 
 def _run_features(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -423,7 +425,7 @@ def _require_matplotlib(flag: str) -> None:
         raise UserError(f"{flag} needs matplotlib: pip install matplotlib")
 
 
-def _read_labels(path: Path | None, model) -> "LabelSet | None":
+def _read_labels(path: Path | None, model) -> LabelSet | None:
     """``--labels CSV`` checked against the model's number of classes; ``None`` without the flag."""
     if path is None:
         return None
