@@ -5,7 +5,9 @@ Distilled from YAMNet (521 AudioSet classes) on audio built here (``recipes/defa
 
 * frontend (:class:`YAMNetLogMel`): YAMNet's own log-mel (``tympan.teachers.yamnet``) in float32 torch: zero-pad to
   >= 15,600 samples and to whole 0.48 s hops, 25 ms periodic Hann / 10 ms hop / 512-point STFT magnitude, 64 HTK mel
-  bands 125-7500 Hz (a buffer, so it exports), ``log(mel + 0.001)``: ``[B, N] -> [B, frames, 64]``.
+  bands 125-7500 Hz (a buffer, so it exports), ``log(mel + 0.001)``: ``[B, N] -> [B, frames, 64]``. On float32 CPU
+  input outside autograd and tracing, everything up to the log runs in one C pass (:mod:`tympan.ops.log_mel`: no
+  padded copy, 16 frames per vector, the GIL released); otherwise in torch ops (``torch.fft.rfft``).
 * model: patches of 96 frames with a 48-frame hop, each through depthwise-separable
   blocks (MobileNet-v1 style, BatchNorm + ReLU) after a 4x4-tile stem, global average pool -> ``embedding`` -> 521 logits.
   Clip logits are ``logit(mean_patches sigmoid(patch logits))``, so clip probabilities are YAMNet-style means.
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 from tympan.errors import CheckpointError
 from tympan.models.protocol import AudioModel, Embeddings, State
 from tympan.models.registry import ModelEntry, Weights, register_model
+from tympan.ops import log_mel
 from tympan.ops.small_gemm import DSConvStack, dsconv_stack, run_dsconv
 from tympan.ops.weights import fingerprint
 
@@ -145,6 +148,10 @@ class YAMNetLogMel(nn.Module):
         waveform = waveform.float()
         length = padded_length(waveform.shape[-1]) if self.pad else waveform.shape[-1]
         count = (length - WINDOW) // HOP + 1  # frames
+        if self.dft == "fft" and not _tracing():  # framing, FFT, magnitude and mel bands in one C pass
+            energies = log_mel.mel_energies(waveform, count, HOP, self.window_nfft[:WINDOW], self.mel, LOG_OFFSET)
+            if energies is not None:
+                return energies.log_()
         if self.dft == "fft":
             # one pad to whole 512-sample frames (the samples past 400 meet the window's zeros): no fill/copy in rfft
             waveform = F.pad(waveform, (0, (count - 1) * HOP + NFFT - waveform.shape[-1]))
