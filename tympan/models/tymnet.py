@@ -40,6 +40,7 @@ from tympan.errors import CheckpointError
 from tympan.models.protocol import AudioModel, Embeddings, State
 from tympan.models.registry import ModelEntry, Weights, register_model
 from tympan.ops import log_mel
+from tympan.ops.native import tracing
 from tympan.ops.small_gemm import DSConvStack, dsconv_stack, run_dsconv
 from tympan.ops.weights import fingerprint
 
@@ -83,16 +84,10 @@ def _frontend_constants() -> dict[str, Tensor]:
     return {"window_nfft": F.pad(window.float(), (0, NFFT - WINDOW)), "mel": mel, "basis": basis.float()}
 
 
-def _tracing() -> bool:
-    """Under torch.export / dynamo / TorchScript tracing (the ONNX exporters): plain ops, no caches or numpy."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())  # fmt: skip
-
-
 def _magnitude(spectrum: Tensor) -> Tensor:
     """``|spectrum|``; for a CPU complex64 tensor outside autograd and tracing through numpy's vectorised complex
     ``abs`` (~3x faster than torch's ``hypot`` loop, and than ``sqrt(re^2 + im^2)`` in torch ops)."""
-    if spectrum.requires_grad or spectrum.device.type != "cpu" or spectrum.dtype != torch.complex64 or _tracing():
+    if spectrum.requires_grad or spectrum.device.type != "cpu" or spectrum.dtype != torch.complex64 or tracing():
         return spectrum.abs()
     return torch.from_numpy(np.abs(spectrum.numpy()))
 
@@ -148,7 +143,7 @@ class YAMNetLogMel(nn.Module):
         waveform = waveform.float()
         length = padded_length(waveform.shape[-1]) if self.pad else waveform.shape[-1]
         count = (length - WINDOW) // HOP + 1  # frames
-        if self.dft == "fft" and not _tracing():  # framing, FFT, magnitude and mel bands in one C pass
+        if self.dft == "fft":  # framing, FFT, magnitude and mel bands in one C pass (None: not applicable)
             energies = log_mel.mel_energies(waveform, count, HOP, self.window_nfft[:WINDOW], self.mel, LOG_OFFSET)
             if energies is not None:
                 return energies.log_()
@@ -157,7 +152,7 @@ class YAMNetLogMel(nn.Module):
             waveform = F.pad(waveform, (0, (count - 1) * HOP + NFFT - waveform.shape[-1]))
             frames = waveform.unfold(-1, NFFT, HOP)[..., :count, :]  # [B, T, 512]
             magnitude = _magnitude(torch.fft.rfft(frames * self.window_nfft))
-            if magnitude.requires_grad or magnitude.device.type != "cpu" or _tracing():
+            if magnitude.requires_grad or magnitude.device.type != "cpu" or tracing():
                 return torch.log(magnitude @ self.mel + LOG_OFFSET)
             # the mel matrix is banded: 16 bands at a time over only the bins they weigh, ~4x fewer multiply-adds
             flat = magnitude.reshape(-1, magnitude.shape[-1])
@@ -177,7 +172,7 @@ def _tiles(x: Tensor) -> Tensor:
     float32 rows of 4 values move as single 16-byte complex128 elements where the layout allows (bitwise the same
     copy, ~4x faster than TensorIterator's 4-float inner loop; not differentiable, so only outside autograd)."""
     batch, rows, mels = x.shape[0], x.shape[1] // 4, x.shape[2] // 4
-    if x.dtype == torch.float32 and not x.requires_grad and not _tracing():
+    if x.dtype == torch.float32 and not x.requires_grad and not tracing():
         try:
             packed = x.view(torch.complex128).view(batch, rows, 4, mels).transpose(2, 3).contiguous()
             return packed.view(torch.float32).view(batch, rows, mels, 16)
@@ -323,7 +318,7 @@ class TymNet(AudioModel):
     def _folded_path(self) -> bool:
         """Eval mode (every BatchNorm's) outside tracing: run on folded weights (training and export use the
         modules)."""
-        if not self.folded_inference or self.training or _tracing():
+        if not self.folded_inference or self.training or tracing():
             return False
         return not any(bn.training for _, bn in self._conv_bn_pairs())
 

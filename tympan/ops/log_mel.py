@@ -235,10 +235,10 @@ def mel_energies(waveform: Tensor, frames: int, hop: int, window: Tensor, mel: T
                  threads: int | None = None) -> Tensor | None:
     """``[B, N]`` float32 CPU waveform -> ``[B, frames, bands]``: per frame (``hop`` samples apart, ``len(window)``
     samples long, zeros past the end) ``|rfft_512(frame * window)| @ mel + offset``, on ``threads`` threads (default
-    torch's intra-op count; the GIL is released). ``None`` when the kernel is off or does not apply (autograd,
+    torch's intra-op count; the GIL is released). ``None`` when the kernel is off or does not apply (autograd, tracing,
     another device or dtype, a window longer than 512, a mel matrix not ``[257, M]``): the caller then computes it
     with torch ops."""
-    if not ENABLED or frames <= 0:
+    if not ENABLED or frames <= 0 or native.tracing():
         return None
     lib = _LIBRARY.lib()
     if lib is None or (torch.is_grad_enabled() and (waveform.requires_grad or mel.requires_grad)):

@@ -29,10 +29,17 @@ from typing import Callable
 
 import torch
 
-__all__ = ["NativeLibrary", "parallel_ranges", "FLAGS"]
+__all__ = ["NativeLibrary", "parallel_ranges", "tracing", "FLAGS"]
 
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11"]
 I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+def tracing() -> bool:
+    """Under torch.export / dynamo / TorchScript tracing or the ONNX exporter: a foreign call is invisible there, so
+    callers of these kernels take their plain torch ops."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())  # fmt: skip
 
 
 def _compiler() -> str | None:
