@@ -31,3 +31,23 @@ def test_load_without_arguments_is_the_default_model():
 
     assert tympan.DEFAULT_MODEL in tympan.list_models()
     assert tympan.get_model_entry(tympan.DEFAULT_MODEL).weights.url.startswith("package://")
+
+
+def test_every_public_name_exists():
+    """Each module's ``__all__`` names what it defines (``from tympan.x import *`` must not fail); modules whose
+    optional dependency is missing are skipped."""
+    import importlib
+    import pkgutil
+
+    import tympan
+
+    missing = []
+    for info in pkgutil.walk_packages(tympan.__path__, "tympan."):
+        if info.name.endswith("__main__"):  # runs the command line
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue
+        missing += [f"{info.name}.{name}" for name in getattr(module, "__all__", ()) if not hasattr(module, name)]
+    assert not missing

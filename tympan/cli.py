@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from tympan.labels import LabelSet
 
 EPILOG = """examples:
-  tympan tag clip.wav --model sat-tiny-2s         top-5 AudioSet tags of a file
+  tympan tag clip.wav                             top-5 AudioSet tags by the shipped default model (offline)
+  tympan tag clips/*.wav --threads 4              many files, 4 cores
+  tympan tag clip.wav --model sat-tiny-2s         another registered model (official weights, downloaded once)
   tympan tag long.flac --model sat-tiny-2s --chunk 2 --plot timeline.png
                                                   per-chunk tags and a PNG timeline
   tympan models                                   list registered models and their weights

@@ -56,9 +56,9 @@ DEFAULT_POSITIONS = (0.0, 0.5, 1.0)
 BABBLE_ENV = "TYMPAN_BABBLE"
 _FBANK_BLOCK_FRAMES = 6000  # 60 s of fbank frames per Kaldi call
 
-__all__ = ["AGGREGATES", "HAYSTACKS", "Haystack", "NiahPoint", "add_niah_arguments", "format_comparison", "format_table",
+__all__ = ["AGGREGATES", "HAYSTACKS", "Haystack", "NiahPoint", "format_comparison", "format_table",
            "haystack_blocks", "load_babble", "model_runner", "niah_main", "plot_curve", "read_result", "run_niah",
-           "run_niah_args", "run_sweep", "score_outputs"]  # fmt: skip
+           "run_sweep", "score_outputs"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ haystack
