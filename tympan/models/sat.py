@@ -222,11 +222,11 @@ class SAT(SpectrogramTransformer):
         depth, size = len(self.blocks), self.cache_size
         m = 0 if cache is None else cache.shape[2]
         memory0 = cache[0] + self.memory_positions(m) if cache is not None else None
-        key = self._memo_key()
+        table = small_gemm.block_table(self.blocks, tokens)
+        key = self._memo_key(table)
         memo = self._kv_memo.lookup(cache, key)
         states = tokens.new_empty(depth + 1, batch, n, dim)
         states[0] = tokens
-        table = small_gemm.block_table(self.blocks, tokens)
         if table is not None:
             new_memo = self._fused_blocks(table, states, cache, memory0, memo)
         else:
@@ -292,10 +292,13 @@ class SAT(SpectrogramTransformer):
             y += mlp.drop(small_gemm.linear(mlp.fc2, mlp.drop(mlp.act(small_gemm.linear(mlp.fc1, block.norm2(y))))))
         return new_memo
 
-    def _memo_key(self) -> tuple[int, ...] | None:
+    def _memo_key(self, table: small_gemm.BlockTable | None = None) -> tuple[int, ...] | None:
         """Address and version of every tensor the memory keys/values of blocks 1.. depend on (``None`` when the
         weights are inference tensors, which keep no version: no memo then). Read through the module dicts: it runs
-        every step."""
+        every step. With the C kernel's block table (valid for the current weights) its fingerprint, which covers
+        those tensors among all the block weights: one weight check per step, not two."""
+        if table is not None:
+            return table.fingerprint
         tensors: list[Tensor] = []
         for block in list(self.blocks._modules.values())[1:]:
             for module in (block._modules["norm1"], block._modules["attn"]._modules["qkv"]):
