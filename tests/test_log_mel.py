@@ -107,12 +107,13 @@ def test_frames_do_not_depend_on_their_block_or_thread_count(clips):
 
 
 def test_declines_what_it_does_not_cover():
-    """Autograd, float64, other window or matrix shapes: None, so the caller takes its torch path."""
+    """Autograd, float64, other window or matrix shapes, no hop: None, so the caller takes its torch path."""
     window, mel = constants()
     wave = torch.randn(1, 16000)
     assert log_mel.mel_energies(wave.double(), 10, HOP, window, mel, 0.0) is None
     assert log_mel.mel_energies(wave, 10, HOP, torch.ones(600), mel, 0.0) is None
     assert log_mel.mel_energies(wave, 10, HOP, window, mel[:200], 0.0) is None
+    assert log_mel.mel_energies(wave, 10, 0, window, mel, 0.0) is None
     assert log_mel.mel_energies(wave.requires_grad_(), 10, HOP, window, mel, 0.0) is None
     frontend = YAMNetLogMel()
     grad_wave = torch.randn(1, 16000, requires_grad=True)

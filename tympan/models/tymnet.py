@@ -143,11 +143,11 @@ class YAMNetLogMel(nn.Module):
         waveform = waveform.float()
         length = padded_length(waveform.shape[-1]) if self.pad else waveform.shape[-1]
         count = (length - WINDOW) // HOP + 1  # frames
-        if self.dft == "fft":  # framing, FFT, magnitude and mel bands in one C pass (None: not applicable)
+        if self.dft == "fft":
+            # framing, FFT, magnitude and mel bands in one C pass (None where it does not apply: torch ops below)
             energies = log_mel.mel_energies(waveform, count, HOP, self.window_nfft[:WINDOW], self.mel, LOG_OFFSET)
             if energies is not None:
                 return energies.log_()
-        if self.dft == "fft":
             # one pad to whole 512-sample frames (the samples past 400 meet the window's zeros): no fill/copy in rfft
             waveform = F.pad(waveform, (0, (count - 1) * HOP + NFFT - waveform.shape[-1]))
             frames = waveform.unfold(-1, NFFT, HOP)[..., :count, :]  # [B, T, 512]
