@@ -43,6 +43,7 @@ from tympan.models.mamba import dt_bias_init, resolve_dt_rank, s4d_real_log_a
 from tympan.models.protocol import AudioModel, Embeddings
 from tympan.models.registry import ModelEntry, StateDict, Weights, register_model
 from tympan.ops import fused_scan, selective_scan
+from tympan.ops.native import tracing
 
 NUM_DIRECTIONS = 4
 # Inference works on column (time) tiles of this many map positions (batch x rows x columns), and scans a long
@@ -81,8 +82,7 @@ def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
 
 def tiled_inference() -> bool:
     """True when forward passes may run tile by tile: no autograd graph and no tracing / export / compiling."""
-    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or torch.compiler.is_compiling())
+    return not (torch.is_grad_enabled() or tracing())
 
 
 def map_columns(fn: Callable[[int, int], Tensor], width: int, rows: int, out: Tensor | None = None) -> Tensor:

@@ -54,6 +54,7 @@ from tympan.models.layers import Block
 from tympan.models.protocol import Embeddings, State, weighted_mean
 from tympan.models.registry import ModelEntry, Weights, register_model
 from tympan.ops import small_gemm
+from tympan.ops.native import tracing
 from tympan.ops.weights import fingerprint
 
 SAMPLE_RATE = 16000
@@ -159,8 +160,7 @@ class SAT(SpectrogramTransformer):
         return self.reference_features(spec, cache)
 
     def _fast_path_ok(self) -> bool:
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-        return FAST_STEP and not (self.training or torch.is_grad_enabled() or tracing)
+        return FAST_STEP and not (self.training or torch.is_grad_enabled() or tracing())
 
     def _check_cache(self, cache: Tensor | None, batch: int) -> Tensor | None:
         """``cache`` validated against the model and batch; ``None`` for no memory (or an empty one)."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tympan.ops import fused_scan
+from tympan.ops import fused_scan, native
 from tympan.ops.selective_scan import _check_inputs, compute_dtype, grouped_state_matrix
 
 # Elements of state ([steps, b, d, n]) handled per block and per vectorised scan step (tuned on a 2-core Zen 4).
@@ -297,7 +297,7 @@ def _use_fused(args: tuple, chunk_size: int | None, block_size: int | None) -> b
     """The fused kernel serves float32 CPU inference with state size 1 (DASS) and the automatic plan."""
     u, A = args[0], args[2]
     return (chunk_size is None and block_size is None and u.dtype == torch.float32 and u.device.type == "cpu"
-            and A.shape[1] == 1 and u.numel() > 0 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and A.shape[1] == 1 and u.numel() > 0 and not native.tracing()
             and not isinstance(u, torch._subclasses.FakeTensor) and fused_scan.available())
 
 

@@ -36,8 +36,9 @@ I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_f
 
 
 def tracing() -> bool:
-    """Under torch.export / dynamo / TorchScript tracing or the ONNX exporter: a foreign call is invisible there, so
-    callers of these kernels take their plain torch ops."""
+    """Under torch.export / dynamo / TorchScript tracing or the ONNX exporter: a foreign call (or a Python-level
+    fast path such as DASS's tiling) is invisible there, so callers take their plain torch ops. The one check for
+    that: TymNet, SAT, the fused scan and DASS's tiling all ask it."""
     return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
             or torch.onnx.is_in_onnx_export())  # fmt: skip
 
