@@ -78,6 +78,15 @@ def test_features_reports_and_skips_bad_files(tmp_path, data_dir, capsys):
     assert (tmp_path / "o" / f"{good.stem}.npy").is_file()
 
 
+def test_unreadable_datafile_is_one_line_exit_2(tmp_path, capsys):
+    """A cut-off datafile: one line naming it, exit 2 (DatafileError is a TympanError, which main turns into that)."""
+    bad = tmp_path / "cut.json"
+    bad.write_text('{"data": [')
+    assert main(["shards", str(bad), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "not a readable JSON datafile" in err
+
+
 def test_unknown_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])
