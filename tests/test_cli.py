@@ -82,7 +82,8 @@ def test_unreadable_datafile_is_one_line_exit_2(tmp_path, capsys):
     """A cut-off datafile: one line naming it, exit 2 (DatafileError is a TympanError, which main turns into that)."""
     bad = tmp_path / "cut.json"
     bad.write_text('{"data": [')
-    assert main(["shards", str(bad), "-o", str(tmp_path / "out")]) == 2
+    shipped = REPO / "tympan" / "assets" / "tymnet-s.safetensors"
+    assert main(["evaluate", "--checkpoint", str(shipped), "--data", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(bad) in err and "not a readable JSON datafile" in err
 
