@@ -340,17 +340,17 @@ def scores_embedding_loss(logits: Tensor, projected: Tensor | None, teacher_prob
     probabilities; ``logit_weight`` adds a Smooth-L1 between the logits, both floored at ``logit_floor`` (below it
     the teacher says "absent" and the exact value carries no ranking).
     """
-    teacher_probs = teacher_probs.float()
-    if temperature == 1.0:
-        bce = F.binary_cross_entropy_with_logits(logits.float(), teacher_probs)
+    logits, teacher_probs = logits.float(), teacher_probs.float()
+    teacher_logits = torch.logit(teacher_probs, eps=1e-7) if temperature != 1.0 or logit_weight else None
+    if teacher_logits is None or temperature == 1.0:
+        bce = F.binary_cross_entropy_with_logits(logits, teacher_probs)
     else:
-        soft = torch.sigmoid(torch.logit(teacher_probs, eps=1e-7) / temperature)
-        bce = F.binary_cross_entropy_with_logits(logits.float() / temperature, soft) * temperature**2
+        soft = torch.sigmoid(teacher_logits / temperature)
+        bce = F.binary_cross_entropy_with_logits(logits / temperature, soft) * temperature**2
     logs: Logs = {"bce": float(bce.detach())}
     loss = bce
-    if logit_weight:
-        target = torch.logit(teacher_probs, eps=1e-7).clamp_min(logit_floor)
-        matched = F.smooth_l1_loss(logits.float().clamp_min(logit_floor), target)
+    if teacher_logits is not None and logit_weight:
+        matched = F.smooth_l1_loss(logits.clamp_min(logit_floor), teacher_logits.clamp_min(logit_floor))
         loss = loss + logit_weight * matched
         logs["logit"] = float(matched.detach())
     if projected is not None and teacher_embedding is not None and embed_weight:
