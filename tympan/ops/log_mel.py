@@ -14,9 +14,9 @@ result is the dense product's). Samples past the end of a row read as zeros (YAM
 copy is made. The log is left to the caller (one vectorised pass in torch).
 
 Numerics: float32 throughout; the magnitude spectrum is within ~1e-7 of float64 (relative to its largest bin), and
-the log-mel within ~5e-5 of the torch path (pocketfft) on real audio (the log magnifies quiet bins' rounding). The library is built on first use
-(:mod:`tympan.ops.native`; ``TYMPAN_LOG_MEL=0`` or ``TYMPAN_NATIVE=0`` disables it): without it :func:`mel_energies`
-returns ``None`` and the caller takes its torch path.
+the log-mel within ~5e-5 of the torch path (pocketfft) on real audio (the log magnifies quiet bins' rounding). The
+library is built on first use (:mod:`tympan.ops.native`; ``TYMPAN_LOG_MEL=0`` or ``TYMPAN_NATIVE=0`` disables it):
+without it :func:`mel_energies` returns ``None`` and the caller takes its torch path.
 """
 
 from __future__ import annotations
