@@ -185,7 +185,8 @@ def test_folded_eval_equals_the_modules(long_features, stem_stride, native):
     for folded, plain in zip(_outputs(model, long_features, True), _outputs(model, long_features, False)):
         torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
     assert list(model.state_dict()) == keys and not any("fold" in k for k in keys)
-    assert (model._kernel_stack(model.folded_weights()) is not None) == (native and small_gemm.available())
+    stack = model._kernel_stack(model.folded_weights(), stem=stem_stride == 2)
+    assert (stack is not None) == (native and small_gemm.available())
 
 
 @torch.no_grad()
@@ -259,6 +260,94 @@ def test_dsconv_kernel_equals_torch_ops(threads, images, h, w, strides):
         assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
     odd = [(dw, b, pw[:40], pw_b[:40], s) for dw, b, pw, pw_b, s in layers[:1]]  # 40 outputs: not whole panels
     assert small_gemm.dsconv_stack(odd) is None and small_gemm.dsconv_stack([(*layers[0][:4], 0)]) is None
+
+
+def _dyadic(g: torch.Generator, *shape: int, lo: int, hi: int, denominator: int = 8) -> torch.Tensor:
+    """Small multiples of 1/8: sums of a few products are exact in float32 whatever their order."""
+    return torch.randint(lo, hi + 1, shape, generator=g).float() / denominator
+
+
+needs_int8 = pytest.mark.skipif(not small_gemm.int8_available(), reason="no AVX-512 VNNI kernel")
+
+
+@needs_int8
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stem", [False, True])
+@pytest.mark.parametrize("images,h,w,stride,cin,cout", [(7, 24, 16, 2, 32, 64), (3, 7, 5, 1, 64, 96),
+                                                         (1, 1, 1, 2, 32, 32), (2, 12, 8, 1, 256, 512)])  # fmt: skip
+def test_int8_block_equals_its_arithmetic_in_pytorch(threads, stem, images, h, w, stride, cin, cout):
+    """One int8 block in the kernel (after the one-channel 3x3 stem, or on NHWC input) equals
+    ``small_gemm.pointwise_u8``: inputs, taps and biases are multiples of 1/8, so the stem and the depthwise sums are
+    exact in any order, the per-position quantisation sees the same numbers and the integer products are exact; only
+    the rescale's rounding (fused multiply-add) and the mean's order remain. Partial 6-row tiles, zero rows (a
+    negative bias under the ReLU), odd sizes, one pixel; each image's result is the same whatever the thread count."""
+    g = torch.Generator().manual_seed(images + h + cin)
+    dw, dw_b = _dyadic(g, cin, 1, 3, 3, lo=-8, hi=8), _dyadic(g, cin, lo=-8, hi=4)
+    pw, pw_b = torch.randn(cout, cin, generator=g) / cin**0.5, torch.randn(cout, generator=g) / 10
+    if stem:
+        stem_w, stem_b = _dyadic(g, cin, 1, 3, 3, lo=-8, hi=8), _dyadic(g, cin, lo=-4, hi=4)
+        hop = max(1, h // 2)  # overlapping images cut from one spectrogram, as TymNet's patches (views, no copy)
+        frames = _dyadic(g, (images - 1) * hop + h, w, lo=-16, hi=16)
+        x = frames.unfold(0, h, hop).permute(0, 2, 1)
+        first = F.conv2d(x[:, None].contiguous(), stem_w, stem_b, 2, 1).relu_().permute(0, 2, 3, 1)
+        spec = (stem_w, stem_b, 2)
+    else:
+        x = first = _dyadic(g, images, h, w, cin, lo=0, hi=16)
+        spec = None
+    y = F.conv2d(first.permute(0, 3, 1, 2), dw, dw_b, stride, 1, groups=cin).relu_().permute(0, 2, 3, 1)
+    q, scale = small_gemm.quantize_pointwise(pw)
+    expected = small_gemm.pointwise_u8(y, q, scale, pw_b).mean((1, 2))
+    stack = small_gemm.dsconv_stack([(dw, dw_b, pw, pw_b, stride)], stem=spec, int8=True)
+    assert stack is not None and stack.int8
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = small_gemm.run_dsconv(stack, x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if images > 1:
+        assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
+
+
+def test_u8_quantisation_round_trips():
+    """Per-row unsigned 8-bit quantisation: integers 0..255, the row maximum maps to 255, a zero row to scale 0,
+    and the error is at most half a step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 64, generator=g).relu_()
+    x[3] = 0
+    q, scale = small_gemm.quantize_u8_rows(x)
+    assert torch.equal(q, q.round()) and q.min() >= 0 and q.max() <= 255
+    assert scale[3].item() == 0 and q[3].abs().sum() == 0
+    nonzero = scale[:, 0] > 0
+    assert torch.equal(q[nonzero].amax(1), torch.full((int(nonzero.sum()),), 255.0))
+    assert ((q * scale - x).abs() <= scale / 2 + 1e-7).all()
+
+
+@needs_int8
+@pytest.mark.parametrize("stem_stride", [4, 2])
+@torch.no_grad()
+def test_int8_precision_tags_like_fp32(long_features, stem_stride):
+    """``with_precision(model, "int8")`` runs TymNet's pointwise convolutions in int8 (kernel and op by op agree up
+    to a quantisation step), close to float32 on real audio; training mode and autograd stay float32."""
+    from tympan.inference.precision import with_precision
+
+    torch.manual_seed(0)
+    reference = _random_batchnorms(create_model("tymnet-s", stem_stride=stem_stride)).eval()
+    model = copy.deepcopy(reference)
+    with_precision(model, "int8")
+    assert model.int8_pointwise and model._kernel_stack(model.folded_weights(), stem=stem_stride == 2).int8
+    fp32 = torch.sigmoid(reference.frame_logits(long_features))
+    int8 = torch.sigmoid(model.frame_logits(long_features))
+    model.native_blocks = False
+    int8_torch = torch.sigmoid(model.frame_logits(long_features))
+    assert 0 < (int8 - fp32).abs().max() < 0.02
+    assert (int8_torch - int8).abs().max() < 2e-3
+    top, top_ref = int8.topk(5, -1).indices.flatten(0, 1), fp32.topk(5, -1).indices.flatten(0, 1)
+    agreement = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, top_ref)) / top.numel()
+    assert agreement >= 0.9, agreement
+    with torch.enable_grad():
+        assert torch.equal(model.train()(long_features), reference.train()(long_features))
 
 
 def test_model_after_native_inference_copies_and_pickles(dog):

@@ -10,7 +10,8 @@
   the product is ``torch._int_mm`` (int8 x int8 -> int32, VNNI on CPU), rescaled by the row and column scales.
   Nothing of ``torch.ao.quantization`` (deprecated) is used. Everything else stays float32. On the CPU the row
   quantisation and the rescaling are single passes in C (:mod:`tympan.ops.native`; PyTorch ops without a
-  compiler, the same results up to float rounding of the rescale).
+  compiler, the same results up to float rounding of the rescale). A module may quantise its own convolutions
+  through a ``quantize_int8()`` method, called here (TymNet: its pointwise convolutions in int8 on AVX-512 VNNI).
 
 Use :func:`with_precision` on a loaded model (``tympan tag/embed/listen --precision``, ``hear.load_model(...,
 precision=...)``); ``bench_precision.py`` measures speed and drift against fp32.
@@ -250,6 +251,10 @@ def with_precision(model: nn.Module, precision: str = "fp32") -> nn.Module:
             return is_head or id(module) in frontend_ids
 
         quantize_linears(model, skip=skip)
+        for module in model.modules():  # modules that quantise their own convolutions (TymNet's pointwise ones)
+            hook = getattr(module, "quantize_int8", None)
+            if callable(hook):
+                hook()
     model.tympan_precision = precision
     return model
 

@@ -41,7 +41,7 @@ from tympan.models.protocol import AudioModel, Embeddings, State
 from tympan.models.registry import ModelEntry, Weights, register_model
 from tympan.ops import log_mel
 from tympan.ops.native import tracing
-from tympan.ops.small_gemm import DSConvStack, dsconv_stack, run_dsconv
+from tympan.ops.small_gemm import DSConvStack, dsconv_stack, pointwise_u8, quantize_pointwise, run_dsconv
 from tympan.ops.weights import fingerprint
 
 __all__ = ["ChecksumError", "DSBlock", "LABELS_CSV", "TymNet", "YAMNetLogMel", "load_shipped"]
@@ -224,6 +224,7 @@ class TymNet(AudioModel):
     streaming = True
     folded_inference = True  # eval mode on folded weights; False: through the modules (the reference in tests)
     native_blocks = True  # folded inference runs the blocks in one C call when it applies; False: op by op
+    int8_pointwise = False  # set by quantize_int8() (--precision int8)
     chunk_samples = PATCH_HOP_SAMPLES
     inference_threads = 1  # ~4 M multiply-adds per patch: on 2 cores one thread tags 1.3x faster than two
     min_samples = 1
@@ -258,7 +259,8 @@ class TymNet(AudioModel):
         # plain attributes, not state: folded_weights()'s (sources, their key, folded weights) and the C kernel's
         # view of those folded weights
         self._fold_cache: tuple[list[Tensor], tuple, list[Tensor]] | None = None
-        self._stack_cache: tuple[list[Tensor], DSConvStack | None] | None = None
+        self._stack_cache: tuple[list[Tensor], dict[tuple[bool, bool], DSConvStack | None]] | None = None
+        self._int8_cache: tuple[list[Tensor], list[tuple[Tensor, Tensor]]] | None = None
 
     # ----------------------------------------------------------------------------------------- folded inference
     def _conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -325,36 +327,76 @@ class TymNet(AudioModel):
     def _blocks_folded(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """Stem output ``[P, H, W, C]`` (NHWC, after its ReLU) -> pooled features ``[P, channels[-1]]``: the whole
         stack in one C call (:func:`tympan.ops.small_gemm.run_dsconv`) where it applies, else op by op."""
-        stack = self._kernel_stack(weights) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        stack = self._kernel_stack(weights, stem=False) if self._kernel_input(x) else None
         if stack is not None:
             return run_dsconv(stack, x)
+        int8 = self.int8_pointwise and not torch.is_grad_enabled()  # int8 rounds: no gradients through it
+        quantized = self._int8_weights(weights) if int8 else None
         for i, block in enumerate(self.blocks):
             dw_w, dw_b, pw_w, pw_b = weights[2 + 4 * i : 6 + 4 * i]
             y = F.conv2d(x.permute(0, 3, 1, 2), dw_w, dw_b, block.dw.stride, block.dw.padding, groups=dw_w.shape[0])
-            x = F.linear(y.relu_().permute(0, 2, 3, 1), pw_w, pw_b).relu_()  # oneDNN writes NHWC: no copy
+            y = y.relu_().permute(0, 2, 3, 1)
+            if quantized is not None:
+                x = pointwise_u8(y, *quantized[i], pw_b)
+            else:
+                x = F.linear(y, pw_w, pw_b).relu_()  # oneDNN writes NHWC: no copy
         return x.mean((1, 2))
 
-    def _kernel_stack(self, weights: list[Tensor]) -> DSConvStack | None:
-        """The C kernel's prepared blocks for these folded weights (cached with them: a new fold, a new stack)."""
+    @staticmethod
+    def _kernel_input(x: Tensor) -> bool:
+        return x.dtype == torch.float32 and x.device.type == "cpu"
+
+    def _int8_weights(self, weights: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Each block's pointwise weight as int8 (:func:`tympan.ops.small_gemm.quantize_pointwise`), for the op-by-op
+        path of :meth:`quantize_int8` (cached with the folded weights)."""
+        cache = self._int8_cache
+        if cache is None or cache[0] is not weights:
+            cache = self._int8_cache = (weights, [quantize_pointwise(weights[4 + 4 * i])
+                                                  for i in range(len(self.blocks))])
+        return cache[1]
+
+    def _kernel_stack(self, weights: list[Tensor], stem: bool) -> DSConvStack | None:
+        """The C kernel's prepared blocks for these folded weights (cached with them: a new fold, a new stack), with
+        the 3x3 stem in the same call when ``stem``; ``None`` where the kernel does not apply."""
         if not self.native_blocks or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             return None  # autograd, or bf16 autocast (--precision bf16): op by op
+        key = (stem, self.int8_pointwise)
         cache = self._stack_cache
         if cache is None or cache[0] is not weights:
+            cache = self._stack_cache = (weights, {})
+        if key not in cache[1]:
             layers = [(*weights[2 + 4 * i : 6 + 4 * i], block.dw.stride[0]) for i, block in enumerate(self.blocks)]
             ok = all(b.dw.kernel_size == (3, 3) and b.dw.padding == (1, 1) and b.dw.stride[0] == b.dw.stride[1]
                      for b in self.blocks)  # fmt: skip
-            cache = self._stack_cache = (weights, dsconv_stack(layers) if ok else None)
-        return cache[1]
+            stem_conv = self.stem
+            if stem:
+                ok = ok and stem_conv.kernel_size == (3, 3) and stem_conv.padding == (1, 1) and \
+                    stem_conv.stride[0] == stem_conv.stride[1]  # fmt: skip
+            stem_spec = (weights[0], weights[1], stem_conv.stride[0]) if stem else None
+            cache[1][key] = dsconv_stack(layers, stem=stem_spec, int8=self.int8_pointwise) if ok else None
+        return cache[1][key]
 
     def _backbone_folded(self, patches: Tensor) -> Tensor:
-        """:meth:`backbone` on folded weights: activations stay NHWC ``[P, H, W, C]`` throughout."""
+        """:meth:`backbone` on folded weights: activations stay NHWC ``[P, H, W, C]`` throughout; with the 3x3 stem
+        and the C kernel, the stem runs in the kernel's call too, on the patches as given (views: no copy)."""
         weights = self.folded_weights()
         if self.stem.stride == (4, 4):  # non-overlapping 4x4 tiles [P, 24, 16, 16] @ [16, C]
             x = F.linear(_tiles(patches), weights[0], weights[1])
-        else:
-            x = F.conv2d(patches[:, None].contiguous(memory_format=torch.channels_last), weights[0], weights[1],
-                         self.stem.stride, self.stem.padding).permute(0, 2, 3, 1)  # fmt: skip
+            return self._blocks_folded(x.relu_(), weights)
+        stack = self._kernel_stack(weights, stem=True) if self._kernel_input(patches) else None
+        if stack is not None:
+            return run_dsconv(stack, patches)
+        x = F.conv2d(patches[:, None].contiguous(memory_format=torch.channels_last), weights[0], weights[1],
+                     self.stem.stride, self.stem.padding).permute(0, 2, 3, 1)  # fmt: skip
         return self._blocks_folded(x.relu_(), weights)
+
+    def quantize_int8(self) -> None:
+        """Run the pointwise convolutions in int8 from now on (``with_precision(model, "int8")``): weights symmetric
+        per output channel, each block's input quantised per position to unsigned 8 bits after its ReLU, the products
+        exact in int32 (AVX-512 VNNI in the C kernel; the same arithmetic in PyTorch ops elsewhere). Folded inference
+        only: training mode, autograd and export keep float32."""
+        self.int8_pointwise = True
+        self._stack_cache = self._int8_cache = None
 
     def _pooled(self, features: Tensor, group: int | None) -> Tensor:
         """Log-mel ``[B, T, 64]`` -> pooled features ``[B, n, channels[-1]]`` of its patches, at most `group`
@@ -389,7 +431,7 @@ class TymNet(AudioModel):
     def __getstate__(self) -> dict[str, Any]:
         """Pickling and deepcopy leave the C kernel's view behind (it holds pointers; rebuilt on first use)."""
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_stack_cache": None}
+        return {**state, "_stack_cache": None, "_int8_cache": None}
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._fold_cache = None

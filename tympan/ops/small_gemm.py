@@ -39,13 +39,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tympan.ops import native
 from tympan.ops.weights import fingerprint
 
 __all__ = ["linear", "available", "openmp", "pack_weight", "block_table", "run_blocks", "BlockTable", "DSConvStack",
-           "dsconv_stack", "run_dsconv"]
+           "dsconv_stack", "run_dsconv", "int8_available", "quantize_pointwise", "quantize_u8_rows", "pointwise_u8"]
 
 ENABLED = True  # False: linear() is the module itself and block_table() None (e.g. to count FLOPs, which the C
 # kernel hides from torch)
@@ -494,21 +495,153 @@ static void depthwise3x3_relu(const float* x, int64_t h, int64_t w, int64_t c, i
         }
 }
 
-/* One image through nb MobileNet-v1 blocks, then the mean over positions -> pooled [channels[nb]]. buf: two
-   scratch areas of `area` floats (the depthwise output, the pointwise output). */
-static void dsconv_image(const float* x, int64_t h, int64_t w, int64_t nb, const int64_t* channels,
-                         const int64_t* strides, const float* const* dw, const float* const* dwb,
-                         const float* const* pw, const float* const* pwb, float* pooled, float* buf, int64_t area) {
+/* The stem: 3x3 convolution (padding 1, stride s) of a one-channel image x [h, w] (row stride ldx) to c channels
+   + bias + ReLU -> y [ho, wo, c] (NHWC); w9 [9, c] as the depthwise taps. Taps summed in order, then the bias. */
+static void stem3x3_relu(const float* x, int64_t ldx, int64_t h, int64_t w, int64_t c, int64_t s, const float* w9,
+                         const float* b, float* y, int64_t ho, int64_t wo) {
+    for (int64_t oy = 0; oy < ho; oy++)
+        for (int64_t ox = 0; ox < wo; ox++) {
+            float* out = y + (oy * wo + ox) * c;
+            for (int64_t c0 = 0; c0 < c; c0 += 16) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t ky = 0; ky < 3; ky++) {
+                    int64_t iy = oy * s - 1 + ky;
+                    if (iy < 0 || iy >= h) continue;
+                    for (int64_t kx = 0; kx < 3; kx++) {
+                        int64_t ix = ox * s - 1 + kx;
+                        if (ix < 0 || ix >= w) continue;
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(x[iy * ldx + ix]),
+                                              _mm512_loadu_ps(w9 + (ky * 3 + kx) * c + c0), acc);
+                    }
+                }
+                acc = _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), _mm512_setzero_ps());
+                _mm512_storeu_ps(out + c0, acc);
+            }
+        }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define DSCONV_INT8 1
+/* Rows of y [m, c] (c a multiple of 16, y >= 0: after a ReLU) as unsigned 8-bit: scale[r] = max_r / 255 (0 for a
+   row of zeros), q = rint(y * (255 / max_r)) (round half to even, at most 255). */
+static void quantize_u8_rows(const float* y, int64_t m, int64_t c, uint8_t* q, float* scale) {
+    for (int64_t r = 0; r < m; r++) {
+        const float* yr = y + r * c;
+        __m512 mx = _mm512_setzero_ps();
+        for (int64_t c0 = 0; c0 < c; c0 += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(yr + c0));
+        float top = _mm512_reduce_max_ps(mx);
+        float inv = top > 0.0f ? 255.0f / top : 0.0f;
+        scale[r] = top > 0.0f ? top / 255.0f : 0.0f;
+        __m512 f = _mm512_set1_ps(inv);
+        for (int64_t c0 = 0; c0 < c; c0 += 16) {
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(yr + c0), f));
+            _mm_storeu_si128((__m128i*)(q + r * c + c0), _mm512_cvtusepi32_epi8(v));
+        }
+    }
+}
+
+static inline __m512i broadcast4(const uint8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* Up to 6 rows x 32 columns of an int8 pointwise product: c[r, j] = relu(float(sum_k a_r[k] w[k, j]) * (sa[r] *
+   sw[j]) + bias[j]); a: unsigned 8-bit rows, w: signed 8-bit panel [k / 4, 32, 4] (VNNI: four k per lane), the sum
+   exact in int32. */
+static inline __attribute__((always_inline)) void tile6_u8(const uint8_t* const* a, int64_t k, const int8_t* w,
+        __m512 s0, __m512 s1, __m512 b0, __m512 b1, const float* sa, float* c, int64_t ldc, int rows) {
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+    for (int64_t kq = 0; kq < k / 4; kq++) {
+        __m512i w0 = _mm512_loadu_si512(w + kq * 128), w1 = _mm512_loadu_si512(w + kq * 128 + 64), v;
+        v = broadcast4(a0 + 4 * kq); c00 = _mm512_dpbusd_epi32(c00, v, w0); c01 = _mm512_dpbusd_epi32(c01, v, w1);
+        v = broadcast4(a1 + 4 * kq); c10 = _mm512_dpbusd_epi32(c10, v, w0); c11 = _mm512_dpbusd_epi32(c11, v, w1);
+        v = broadcast4(a2 + 4 * kq); c20 = _mm512_dpbusd_epi32(c20, v, w0); c21 = _mm512_dpbusd_epi32(c21, v, w1);
+        v = broadcast4(a3 + 4 * kq); c30 = _mm512_dpbusd_epi32(c30, v, w0); c31 = _mm512_dpbusd_epi32(c31, v, w1);
+        v = broadcast4(a4 + 4 * kq); c40 = _mm512_dpbusd_epi32(c40, v, w0); c41 = _mm512_dpbusd_epi32(c41, v, w1);
+        v = broadcast4(a5 + 4 * kq); c50 = _mm512_dpbusd_epi32(c50, v, w0); c51 = _mm512_dpbusd_epi32(c51, v, w1);
+    }
+#define STORE_U8_ROW(r, x0, x1)                                                                                  \
+    if (rows > r) {                                                                                             \
+        __m512 q = _mm512_set1_ps(sa[r]), z = _mm512_setzero_ps();                                              \
+        _mm512_storeu_ps(c + r * ldc, _mm512_max_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(x0), _mm512_mul_ps(s0, q), b0), z)); \
+        _mm512_storeu_ps(c + r * ldc + 16, _mm512_max_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(x1), _mm512_mul_ps(s1, q), b1), z)); \
+    }
+    STORE_U8_ROW(0, c00, c01) STORE_U8_ROW(1, c10, c11) STORE_U8_ROW(2, c20, c21)
+    STORE_U8_ROW(3, c30, c31) STORE_U8_ROW(4, c40, c41) STORE_U8_ROW(5, c50, c51)
+#undef STORE_U8_ROW
+}
+
+/* relu(q [m, k] @ w + bias), rescaled by the rows' and columns' scales, into out [m, n] (n / 32 panels). */
+static void pointwise_u8(const uint8_t* q, const float* sa, int64_t m, int64_t k, const int8_t* w, const float* sw,
+                         const float* bias, float* out, int64_t n) {
+    for (int64_t p = 0; p < n / 32; p++) {
+        const int8_t* wp = w + p * k * 32;
+        __m512 s0 = _mm512_loadu_ps(sw + p * 32), s1 = _mm512_loadu_ps(sw + p * 32 + 16);
+        __m512 b0 = _mm512_loadu_ps(bias + p * 32), b1 = _mm512_loadu_ps(bias + p * 32 + 16);
+        for (int64_t r0 = 0; r0 < m; r0 += 6) {
+            int rows = (int)(m - r0 < 6 ? m - r0 : 6);
+            const uint8_t* a[6];
+            for (int r = 0; r < 6; r++) a[r] = r < rows ? q + (r0 + r) * k : (const uint8_t*)ZEROS;
+            tile6_u8(a, k, wp, s0, s1, b0, b1, sa + r0, out + r0 * n + p * 32, n, rows);
+        }
+    }
+}
+#endif
+
+int dsconv_int8_available(void) {
+#ifdef DSCONV_INT8
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The geometry and weights of a stack (see dsconv_blocks). */
+typedef struct {
+    int64_t h, w, ldx, nb, stem_stride;
+    const float *stem_w, *stem_b;
+    const int64_t *channels, *strides;
+    const float *const *dw, *const *dwb;
+    const void* const* pw;       /* per block: packed float32 [cout / 32, cin, 32] or int8 [cout / 32, cin / 4, 32, 4] */
+    const float *const *pwb, *const *pws; /* biases; column scales of an int8 block (NULL: a float32 block) */
+    int64_t area;
+} dsconv_net;
+
+/* One image through the optional stem and nb MobileNet-v1 blocks, then the mean over positions -> pooled
+   [channels[nb]]. buf: four scratch areas of `area` floats (the depthwise output, the pointwise output, the stem's
+   output and then an int8 block's quantised input, its row scales). */
+static void dsconv_image(const dsconv_net* net, const float* x, float* pooled, float* buf) {
+    const int64_t area = net->area;
+    int64_t h = net->h, w = net->w;
+    float *mid = buf, *out = buf + area, *third = buf + 2 * area, *scales = buf + 3 * area;
     const float* cur = x;
-    float *mid = buf, *out = buf + area;
-    for (int64_t i = 0; i < nb; i++) {
-        int64_t s = strides[i], ho = (h - 1) / s + 1, wo = (w - 1) / s + 1, cin = channels[i], cout = channels[i + 1];
-        depthwise3x3_relu(cur, h, w, cin, s, dw[i], dwb[i], mid, ho, wo);
-        segment seg = {mid, cin, ho * wo, cin, pw[i], pwb[i], out, cout, 0, 0, EPI_RELU, cout / 32};
-        for (int64_t p = 0; p < seg.np; p++) seg_panel(&seg, p, 0, (seg.m + 5) / 6);
+    if (net->stem_w) {
+        int64_t s = net->stem_stride, ho = (h - 1) / s + 1, wo = (w - 1) / s + 1;
+        stem3x3_relu(x, net->ldx, h, w, net->channels[0], s, net->stem_w, net->stem_b, third, ho, wo);
+        cur = third; h = ho; w = wo;
+    }
+    for (int64_t i = 0; i < net->nb; i++) {
+        int64_t s = net->strides[i], ho = (h - 1) / s + 1, wo = (w - 1) / s + 1;
+        int64_t cin = net->channels[i], cout = net->channels[i + 1];
+        depthwise3x3_relu(cur, h, w, cin, s, net->dw[i], net->dwb[i], mid, ho, wo);
+#ifdef DSCONV_INT8
+        if (net->pws[i]) {
+            uint8_t* q = (uint8_t*)third;
+            quantize_u8_rows(mid, ho * wo, cin, q, scales);
+            pointwise_u8(q, scales, ho * wo, cin, (const int8_t*)net->pw[i], net->pws[i], net->pwb[i], out, cout);
+        } else
+#endif
+        {
+            segment seg = {mid, cin, ho * wo, cin, (const float*)net->pw[i], net->pwb[i], out, cout, 0, 0, EPI_RELU,
+                           cout / 32};
+            for (int64_t p = 0; p < seg.np; p++) seg_panel(&seg, p, 0, (seg.m + 5) / 6);
+        }
         cur = out; h = ho; w = wo;
     }
-    int64_t c = channels[nb], positions = h * w;
+    int64_t c = net->channels[net->nb], positions = h * w;
     float scale = 1.0f / (float)positions;
     for (int64_t c0 = 0; c0 < c; c0 += 16) {
         __m512 acc = _mm512_setzero_ps();
@@ -517,25 +650,36 @@ static void dsconv_image(const float* x, int64_t h, int64_t w, int64_t nb, const
     }
 }
 
-/* MobileNet-v1 blocks (depthwise 3x3 + bias + ReLU, pointwise + bias + ReLU) on n NHWC images x [n, h, w,
-   channels[0]], then the mean over positions -> pooled [n, channels[nb]]. Block i: dw[i] [9, channels[i]] taps,
-   pw[i] packed [channels[i+1] / 32, channels[i], 32]. scratch: nthreads x 2 x area floats. Images are dealt out to
-   nthreads threads; each image's result does not depend on the others or on the thread count. */
-void dsconv_blocks(const float* x, int64_t n, int64_t h, int64_t w, int64_t nb, const int64_t* channels,
-                   const int64_t* strides, const float* const* dw, const float* const* dwb, const float* const* pw,
-                   const float* const* pwb, float* pooled, float* scratch, int64_t area, int nthreads) {
-    int64_t image = h * w * channels[0], c = channels[nb];
+/* MobileNet-v1 blocks (depthwise 3x3 + bias + ReLU, pointwise + bias + ReLU) on n images, then the mean over
+   positions -> pooled [n, channels[nb]]. Without a stem (stem_w NULL) image i is NHWC [h, w, channels[0]] at
+   x + i * image_stride (row stride ldx = w * channels[0]); with one, a one-channel [h, w] image (row stride ldx; the
+   images may overlap) that the stem (3x3, stride stem_stride, padding 1, stem_w [9, channels[0]] + stem_b, ReLU)
+   turns into the first block's input. Block i: dw[i] [9, channels[i]] taps, pw[i] packed float32 [channels[i+1] / 32,
+   channels[i], 32] (pws[i] NULL) or int8 [channels[i+1] / 32, channels[i] / 4, 32, 4] with column scales pws[i] (its
+   input quantised per position to unsigned 8 bits). scratch: nthreads x 4 x area floats. Images are dealt out to
+   nthreads threads; each image's result does not depend on the others or on the thread count. Returns -1 when an
+   int8 block is asked of a build without VNNI. */
+int dsconv_blocks(const float* x, int64_t n, int64_t image_stride, int64_t ldx, int64_t h, int64_t w,
+                  const float* stem_w, const float* stem_b, int64_t stem_stride, int64_t nb, const int64_t* channels,
+                  const int64_t* strides, const float* const* dw, const float* const* dwb, const void* const* pw,
+                  const float* const* pwb, const float* const* pws, float* pooled, float* scratch, int64_t area,
+                  int nthreads) {
+#ifndef DSCONV_INT8
+    for (int64_t i = 0; i < nb; i++)
+        if (pws[i]) return -1;
+#endif
+    dsconv_net net = {h, w, ldx, nb, stem_stride, stem_w, stem_b, channels, strides, dw, dwb, pw, pwb, pws, area};
+    int64_t c = channels[nb];
 #ifdef _OPENMP
     if (nthreads > 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t i = 0; i < n; i++)
-            dsconv_image(x + i * image, h, w, nb, channels, strides, dw, dwb, pw, pwb, pooled + i * c,
-                         scratch + 2 * area * omp_get_thread_num(), area);
-        return;
+            dsconv_image(&net, x + i * image_stride, pooled + i * c, scratch + 4 * area * omp_get_thread_num());
+        return 0;
     }
 #endif
-    for (int64_t i = 0; i < n; i++)
-        dsconv_image(x + i * image, h, w, nb, channels, strides, dw, dwb, pw, pwb, pooled + i * c, scratch, area);
+    for (int64_t i = 0; i < n; i++) dsconv_image(&net, x + i * image_stride, pooled + i * c, scratch);
+    return 0;
 }
 
 /* GELU of n floats (n a multiple of 16), for tests. */
@@ -550,9 +694,12 @@ int vit_blocks(int64_t depth, int64_t batch, int64_t n, int64_t m, int64_t d, in
 void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const float* bias, float* out, int64_t n,
                 int nthreads) {}
 void gelu_f32(const float* x, float* y, int64_t n) {}
-void dsconv_blocks(const float* x, int64_t n, int64_t h, int64_t w, int64_t nb, const int64_t* channels,
-                   const int64_t* strides, const float* const* dw, const float* const* dwb, const float* const* pw,
-                   const float* const* pwb, float* pooled, float* scratch, int64_t area, int nthreads) {}
+int dsconv_blocks(const float* x, int64_t n, int64_t image_stride, int64_t ldx, int64_t h, int64_t w,
+                  const float* stem_w, const float* stem_b, int64_t stem_stride, int64_t nb, const int64_t* channels,
+                  const int64_t* strides, const float* const* dw, const float* const* dwb, const void* const* pw,
+                  const float* const* pwb, const float* const* pws, float* pooled, float* scratch, int64_t area,
+                  int nthreads) { return -1; }
+int dsconv_int8_available(void) { return 0; }
 #endif
 """
 
@@ -566,8 +713,9 @@ _LIBRARY = native.NativeLibrary(
                               native.INT]),
         "vit_blocks": (native.INT, [native.I64] * 7 + [native.PTR] * 7 + [native.INT]),
         "gelu_f32": (None, [native.PTR, native.PTR, native.I64]),
-        "dsconv_blocks": (None, [native.PTR, native.I64, native.I64, native.I64, native.I64] + [native.PTR] * 8
-                          + [native.I64, native.INT]),
+        "dsconv_blocks": (native.INT, [native.PTR] + [native.I64] * 5 + [native.PTR] * 2 + [native.I64] * 2
+                          + [native.PTR] * 9 + [native.I64, native.INT]),
+        "dsconv_int8_available": (native.INT, []),
     },
     switch="TYMPAN_SMALL_GEMM",
     optional_flags=("-fopenmp",),
@@ -810,53 +958,134 @@ class DSConvStack:
 
     channels: list[int]
     strides: list[int]
-    arrays: tuple  # ctypes arrays: channels, strides, depthwise taps, their biases, packed pointwise, their biases
+    arrays: tuple  # ctypes arrays: channels, strides, taps, their biases, packed pointwise, their biases, scales
     keep: list[Tensor]
+    stem: tuple[int, int, int] | None = None  # (stride, taps pointer, bias pointer) of a one-channel 3x3 stem
+    int8: bool = False
 
 
-def dsconv_stack(layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, int]]) -> DSConvStack | None:
+def int8_available() -> bool:
+    """Whether the kernel runs int8 pointwise products (AVX-512 VNNI): :func:`dsconv_stack` ``int8=True``."""
+    lib = _LIBRARY.lib() if available() else None
+    return lib is not None and bool(lib.dsconv_int8_available())
+
+
+def quantize_pointwise(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A pointwise weight ``[C_out, C_in]`` as int8, symmetric per output channel: (q ``[C_out, C_in]`` int8, scale
+    ``[C_out]``), ``weight ~= q * scale[:, None]``."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(1).clamp_min(1e-12) / 127.0
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_u8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``x [..., C]`` (``>= 0``: after a ReLU) as unsigned 8-bit: (q as float32 integers 0..255, scale
+    ``[..., 1]``), ``x ~= q * scale``; scale = row max / 255 (0 for a row of zeros), q = round-half-even of
+    ``x * (255 / max)``: the kernel's quantisation, bit for bit."""
+    top = x.amax(-1, keepdim=True)
+    positive, full = top > 0, torch.full_like(top, 255.0)
+    # tensor / tensor: IEEE division, as the kernel (a Python number over a tensor is a reciprocal times it)
+    inv = torch.where(positive, full / torch.where(positive, top, 1.0), 0.0)
+    scale = torch.where(positive, top / full, 0.0)
+    return torch.round(x * inv).clamp_(0, 255), scale
+
+
+def pointwise_u8(x: Tensor, q_weight: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
+    """``relu(x @ weight.T + bias)`` as the kernel's int8 blocks compute it, in PyTorch ops (the path without the
+    kernel, and the tests' reference): ``x`` quantised per row (:func:`quantize_u8_rows`), the integer product exact
+    (in float32: every partial sum is below 2^24 for ``C_in <= 512``), rescaled by the row and column scales."""
+    if x.shape[-1] > 512:
+        raise ValueError(f"pointwise_u8 takes at most 512 input channels, got {x.shape[-1]}")
+    q, row_scale = quantize_u8_rows(x)
+    acc = F.linear(q, q_weight.float())
+    return (acc * (w_scale * row_scale) + bias).relu_()
+
+
+def _as_taps(weight: Tensor) -> Tensor:
+    """A 3x3 kernel ``[C, 1, 3, 3]`` as the kernel's taps ``[9, C]`` (tap-major)."""
+    return weight.reshape(weight.shape[0], 9).t().contiguous()
+
+
+def dsconv_stack(layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, int]],
+                 stem: tuple[Tensor, Tensor, int] | None = None, int8: bool = False) -> DSConvStack | None:
     """Prepare blocks for :func:`run_dsconv`: per block (depthwise weight ``[C, 1, 3, 3]``, its bias ``[C]``,
-    pointwise weight ``[C_out, C]``, its bias ``[C_out]``, stride). ``None`` when the kernel does not apply (not
-    built, no AVX-512, disabled, channels not multiples of 32, other shapes or dtypes)."""
-    if not (ENABLED and layers and available()):
+    pointwise weight ``[C_out, C]``, its bias ``[C_out]``, stride). ``stem``: (weight ``[C0, 1, 3, 3]``, bias, stride)
+    of a one-channel 3x3 convolution (padding 1) + ReLU run first, in the same call, on one-channel images. ``int8``:
+    the pointwise products in int8 (:func:`quantize_pointwise` weights; each block's input quantised per position to
+    unsigned 8 bits, as :func:`pointwise_u8`). ``None`` when the kernel does not apply (not built, no AVX-512, or no
+    VNNI for int8, disabled, channels not multiples of 32, other shapes or dtypes)."""
+    if not (ENABLED and layers and available()) or (int8 and not int8_available()):
         return None
     channels, strides, keep = [int(layers[0][0].shape[0])], [], []
-    taps, tap_bias, packed, packed_bias = [], [], [], []
+    taps, tap_bias, packed, packed_bias, scales = [], [], [], [], []
+    tensors_in = [t for layer in layers for t in layer[:4]] + ([] if stem is None else list(stem[:2]))
+    if any(x.dtype != torch.float32 or x.device.type != "cpu" for x in tensors_in):
+        return None
     for dw, dw_b, pw, pw_b, stride in layers:
         cin, cout = int(dw.shape[0]), int(pw.shape[0])
-        tensors = (dw, dw_b, pw, pw_b)
         if (tuple(dw.shape) != (cin, 1, 3, 3) or tuple(pw.shape) != (cout, cin) or cin != channels[-1]
-                or cin % PANEL or cout % PANEL or cin > MAX_K or stride < 1
-                or any(x.dtype != torch.float32 or x.device.type != "cpu" for x in tensors)):  # fmt: skip
+                or cin % PANEL or cout % PANEL or cin > (512 if int8 else MAX_K) or stride < 1):  # fmt: skip
             return None
         with torch.inference_mode(False), torch.no_grad():
-            parts = (dw.reshape(cin, 9).t().contiguous(), dw_b.contiguous(), pack_weight(pw), pw_b.contiguous())
+            if int8:
+                q, scale = quantize_pointwise(pw)
+                weight = q.view(cout // PANEL, PANEL, cin // 4, 4).permute(0, 2, 1, 3).contiguous()
+                parts = (_as_taps(dw), dw_b.contiguous(), weight, pw_b.contiguous(), scale.contiguous())
+            else:
+                parts = (_as_taps(dw), dw_b.contiguous(), pack_weight(pw), pw_b.contiguous())
         keep += parts
         for target, x in zip((taps, tap_bias, packed, packed_bias), parts):
             target.append(x.data_ptr())
+        scales.append(parts[4].data_ptr() if int8 else None)
         channels.append(cout)
         strides.append(int(stride))
-    pointers = [(ctypes.c_void_p * len(v))(*v) for v in (taps, tap_bias, packed, packed_bias)]
+    stem_view = None
+    if stem is not None:
+        weight, bias, stride = stem
+        if tuple(weight.shape) != (channels[0], 1, 3, 3) or tuple(bias.shape) != (channels[0],) or stride < 1:
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            stem_parts = (_as_taps(weight), bias.contiguous())
+        keep += stem_parts
+        stem_view = (int(stride), stem_parts[0].data_ptr(), stem_parts[1].data_ptr())
+    pointers = [(ctypes.c_void_p * len(v))(*v) for v in (taps, tap_bias, packed, packed_bias, scales)]
     arrays = ((ctypes.c_int64 * len(channels))(*channels), (ctypes.c_int64 * len(strides))(*strides), *pointers)
-    return DSConvStack(channels, strides, arrays, keep)
+    return DSConvStack(channels, strides, arrays, keep, stem_view, int8)
 
 
 def run_dsconv(stack: DSConvStack, x: Tensor) -> Tensor:
-    """NHWC images ``x [n, h, w, C]`` (float32, after the stem's ReLU) -> the stack's output averaged over
-    positions, ``[n, C_last]``. Results match the convolutions and products of PyTorch to float rounding (each
-    output's sum in a fixed order, independent of ``n`` and of the thread count)."""
-    n, h, w, c = x.shape
-    if c != stack.channels[0]:
-        raise ValueError(f"the stack takes {stack.channels[0]} channels, got {c}")
-    x = x.contiguous()
-    area, hh, ww = 1, h, w
+    """Images through the stack, averaged over positions: ``[n, C_last]``. Without a stem ``x`` is NHWC ``[n, h, w,
+    C]`` (float32, after the stem's ReLU); with one, one-channel images ``[n, h, w]`` (float32; any view whose rows
+    are contiguous, e.g. overlapping patches cut from one spectrogram: nothing is copied). Results match the
+    convolutions and products of PyTorch to float rounding (each output's sum in a fixed order, independent of
+    ``n`` and of the thread count); an int8 stack matches :func:`pointwise_u8`'s blocks the same way."""
+    if stack.stem is None:
+        n, h, w, c = x.shape
+        if c != stack.channels[0]:
+            raise ValueError(f"the stack takes {stack.channels[0]} channels, got {c}")
+        x = x.contiguous()
+        image_stride, row_stride = h * w * c, w * c
+        stem_stride, stem_w, stem_b = 0, None, None
+        area, hh, ww = 1, h, w
+    else:
+        if x.ndim != 3:
+            raise ValueError(f"a stack with a stem takes one-channel images [n, h, w], got {tuple(x.shape)}")
+        n, h, w = x.shape
+        if x.stride(2) != 1 or x.dtype != torch.float32:
+            x = x.float().contiguous()
+        image_stride, row_stride = x.stride(0), x.stride(1)
+        stem_stride, stem_w, stem_b = stack.stem
+        hh, ww = (h - 1) // stem_stride + 1, (w - 1) // stem_stride + 1
+        area = hh * ww * stack.channels[0]
     for cin, cout, s in zip(stack.channels[:-1], stack.channels[1:], stack.strides):
         hh, ww = (hh - 1) // s + 1, (ww - 1) // s + 1
         area = max(area, hh * ww * max(cin, cout))
     threads = _threads(n)
-    scratch = torch.empty(threads * 2 * area, dtype=torch.float32)
+    scratch = torch.empty(threads * 4 * area, dtype=torch.float32)
     out = torch.empty(n, stack.channels[-1], dtype=torch.float32)
-    if n:
-        _LIBRARY.lib().dsconv_blocks(x.data_ptr(), n, h, w, len(stack.strides), *stack.arrays, out.data_ptr(),
-                                     scratch.data_ptr(), area, threads)
+    if n and _LIBRARY.lib().dsconv_blocks(x.data_ptr(), n, image_stride, row_stride, h, w, stem_w, stem_b,
+                                          stem_stride, len(stack.strides), *stack.arrays, out.data_ptr(),
+                                          scratch.data_ptr(), area, threads):  # fmt: skip
+        raise RuntimeError("the kernel was built without AVX-512 VNNI: no int8 blocks")
     return out
