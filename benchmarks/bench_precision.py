@@ -1,6 +1,7 @@
 """Speed and drift of the precision modes (fp32 / bf16 / int8), against fp32 and against a named peer, in one run.
 
-Speed: each model on a 10 s input (batch 1, random weights, ``torch.manual_seed(0)``), the modes timed alternately
+Speed: each model on 10.24 s of noise through its own frontend (batch 1, random weights, ``torch.manual_seed(0)``, or
+``--trained``: the weights ``tympan.load`` gives offline, e.g. the shipped default model's), the modes timed alternately
 (median of ``--repeats``), with the ratio to tympan fp32 and, for AST-base384, to Hugging Face transformers'
 ``ASTForAudioClassification`` in fp32 (the peer of ``bench_transformers.py``), and each mode's FLOP/s as a share of
 the matching matmul peak measured in the same run (``benchmarks/peak.py``: fp32, bf16 or int8).
@@ -11,6 +12,7 @@ fp32's top-5 classes a mode also ranks top-5) and the mAP of a mode's scores aga
 fp32's ranking of them above every other class, per clip, averaged over the clips).
 
     python -m benchmarks.bench_precision [--models ast-base384 dass-small] [--threads 2] [--clips 40]
+    python -m benchmarks.bench_precision --models tymnet-s --trained --threads 1
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ ESC10 = REPO.parent / "shared" / "data" / "esc10"
 HF_AST = "transformers ASTForAudioClassification fp32"
 
 
-def build(model_id: str, precision: str, state: dict | None = None) -> torch.nn.Module:
-    """``model_id`` with seed-0 random weights (or ``state``) in ``precision``."""
+def build(model_id: str, precision: str, state: dict | None = None, trained: bool = False) -> torch.nn.Module:
+    """``model_id`` with seed-0 random weights (or ``state``; ``trained``: as ``tympan.load`` gives it) in
+    ``precision``."""
     torch.manual_seed(0)
-    model = tympan.create_model(model_id).eval()
+    model = tympan.load(model_id) if trained else tympan.create_model(model_id).eval()
     if state is not None:
         model.load_state_dict(state)
     return with_precision(model, precision)
@@ -71,15 +74,18 @@ def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
 
 
 def speed(model_id: str, models: dict[str, torch.nn.Module], peaks: dict[str, float], repeats: int) -> dict:
-    """Median ms per mode (and the transformers peer for AST) on 10 s, ratios and shares of peak."""
-    features = torch.randn(1, 1024, 128, generator=torch.Generator().manual_seed(0)) * 0.5
+    """Median ms per mode (and the transformers peer for AST) on 10.24 s, ratios and shares of peak."""
+    noise = torch.randn(1, 163840, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.inference_mode():
+        features = models["fp32"].frontend(noise)
     fns = {mode: (lambda m=m: m(features)) for mode, m in models.items()}
     peer = hf_ast() if model_id == "ast-base384" else None
     if peer is not None:
         fns[HF_AST] = lambda: peer(features)
     ms = median_ms(fns, repeats)
     flops = count_flops(lambda: models["fp32"](features))
-    row = dict(model=model_id, input="10.24 s (1024 x 128 fbank)", gflop=round(flops / 1e9, 2), ms=ms,
+    shape = " x ".join(map(str, features.shape[1:]))
+    row = dict(model=model_id, input=f"10.24 s ({shape} features)", gflop=round(flops / 1e9, 2), ms=ms,
                ratio_vs_fp32={m: ms["fp32"] / ms[m] for m in models},
                share_of_peak={m: share_of_peak(flops, ms[m], peaks[m]) for m in models})
     if peer is not None:
@@ -134,6 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clips", type=int, default=40, help="ESC-10 clips for the drift (0: skip the drift)")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--trained", action="store_true", help="the weights tympan.load gives offline (the shipped "
+                        "default model's), not random ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, load {load_average()}")
@@ -142,16 +150,17 @@ def main() -> None:
         print("matmul peak: " + ", ".join(f"{m} {g:.0f} G{'OP' if m == 'int8' else 'FLOP'}/s" for m, g in peaks.items()))
     results = []
     for model_id in args.models:
-        state = build(model_id, "fp32").state_dict()
-        models = {mode: build(model_id, mode, state) for mode in PRECISIONS}
+        state = build(model_id, "fp32", trained=args.trained).state_dict()
+        models = {mode: build(model_id, mode, state, trained=args.trained) for mode in PRECISIONS}
         row: dict = dict(model=model_id)
         if not args.skip_speed:
             row.update(speed(model_id, models, peaks, args.repeats))
             peer = f"   {HF_AST}: {row['ms'][HF_AST]:.0f} ms" if "peer" in row else ""
-            print(f"{model_id} 10 s ({row['gflop']} GFLOP){peer}")
+            print(f"{model_id} {row['input']} ({row['gflop']} GFLOP){peer}")
             for mode in PRECISIONS:
                 vs_peer = f"  {row['ratio_vs_peer'][mode]:.2f}x transformers" if "peer" in row else ""
-                print(f"  {mode:5s} {row['ms'][mode]:7.0f} ms  {row['ratio_vs_fp32'][mode]:.2f}x fp32{vs_peer}  "
+                print(f"  {mode:5s} {row['ms'][mode]:7.{0 if row['ms']['fp32'] >= 100 else 2}f} ms  "
+                      f"{row['ratio_vs_fp32'][mode]:.2f}x fp32{vs_peer}  "
                       f"{100 * row['share_of_peak'][mode]:.0f}% of {mode} peak")
         if args.clips and ESC10.is_dir():
             row["drift"] = drift(models, esc10_clips(args.clips))

@@ -50,9 +50,17 @@ def matmul_peak(threads: int | None = None, dtype: str = "fp32", size: int = 204
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention), counted by torch's FlopCounterMode."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        fn()
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention), counted by torch's FlopCounterMode, with
+    tympan's C product kernels off (torch cannot see inside them: the same work then runs as torch ops)."""
+    from tympan.ops import small_gemm
+
+    saved = small_gemm.ENABLED, small_gemm.BLOCKS_ENABLED
+    small_gemm.ENABLED = small_gemm.BLOCKS_ENABLED = False
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        small_gemm.ENABLED, small_gemm.BLOCKS_ENABLED = saved
     return counter.get_total_flops()
 
 

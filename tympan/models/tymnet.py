@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tympan.errors import CheckpointError
 from tympan.models.protocol import AudioModel, Embeddings, State
 from tympan.models.registry import ModelEntry, Weights, register_model
-from tympan.ops import log_mel
+from tympan.ops import log_mel, small_gemm
 from tympan.ops.native import tracing
 from tympan.ops.small_gemm import DSConvStack, dsconv_stack, pointwise_u8, quantize_pointwise, run_dsconv
 from tympan.ops.weights import fingerprint
@@ -358,8 +358,9 @@ class TymNet(AudioModel):
     def _kernel_stack(self, weights: list[Tensor], stem: bool) -> DSConvStack | None:
         """The C kernel's prepared blocks for these folded weights (cached with them: a new fold, a new stack), with
         the 3x3 stem in the same call when ``stem``; ``None`` where the kernel does not apply."""
-        if not self.native_blocks or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
-            return None  # autograd, or bf16 autocast (--precision bf16): op by op
+        if not (self.native_blocks and small_gemm.ENABLED) or torch.is_grad_enabled() or \
+                torch.is_autocast_enabled("cpu"):  # fmt: skip
+            return None  # autograd, or bf16 autocast (--precision bf16), or the kernel switched off: op by op
         key = (stem, self.int8_pointwise)
         cache = self._stack_cache
         if cache is None or cache[0] is not weights:
