@@ -286,8 +286,9 @@ def _available_cores() -> int:
 
 def _add_precision_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                   help="inference precision: fp32 (default, exact), bf16 (autocast) or int8 (dynamic int8 linears); "
-                   "see benchmarks/README.md for the speed and drift of each")
+                   help="inference precision: fp32 (default, exact), bf16 (autocast) or int8 (dynamic int8 linears; "
+                   "the default model's pointwise convolutions too); see benchmarks/README.md for the speed and drift "
+                   "of each")
 
 
 def _apply_precision(model, precision: str):
