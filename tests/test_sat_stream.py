@@ -155,8 +155,16 @@ def test_small_gemm_matches_linear(rows, k, n, bias):
     x = torch.randn(2, rows, k)
     with torch.inference_mode():
         torch.testing.assert_close(small_gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        odd = torch.nn.Linear(k, 33)  # N not a multiple of 32: the module itself
-        torch.testing.assert_close(small_gemm.linear(odd, x), odd(x))
+        for width in (33, 521):  # N not a multiple of 32: zero-padded panels, the extra columns dropped
+            odd = torch.nn.Linear(k, width, bias=bias)
+            out = small_gemm.linear(odd, x)
+            assert out.shape == (2, rows, width) and out.is_contiguous()
+            torch.testing.assert_close(out, odd(x), atol=1e-5, rtol=1e-5)
+            if small_gemm.available():  # rows independent of each other: the same bits alone or in a batch
+                assert torch.equal(small_gemm.linear(odd, x[1, 3:4]), out[1, 3:4])
+        made_here = torch.nn.Linear(k, n, bias=bias)  # inference-tensor weights: packed afresh, never cached
+        made_here.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(small_gemm.linear(made_here, x), small_gemm.linear(layer, x), atol=0, rtol=0)
     with torch.no_grad():
         layer.weight.mul_(2)  # the packed copy follows the weight's version
     with torch.inference_mode():

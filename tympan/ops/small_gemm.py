@@ -7,7 +7,7 @@ built on first use, ``TYMPAN_SMALL_GEMM=0`` disables it) computes 6 x 32 output 
 each output is one sequential fused-multiply-add chain over K, then the bias, then an epilogue (none, a residual
 add ``res + (...)``, or the exact GELU) on the registers.
 
-* :func:`linear`: ``module(x)`` for one ``nn.Linear``;
+* :func:`linear`: ``module(x)`` for one ``nn.Linear`` (TymNet's head and projection, any output width);
 * :func:`dsconv_stack` / :func:`run_dsconv`: MobileNet-v1 blocks (depthwise 3x3 + bias + ReLU, pointwise + bias
   + ReLU; BatchNorms folded by the caller) and the mean over positions, image by image in one call (TymNet's
   backbone after its stem): each image's activations stay in two small scratch areas, the GIL is released for the
@@ -27,8 +27,9 @@ with the sum divided at the end (as the flash attention kernel); GELU with erf b
 Results match the module path to ~1e-6.
 
 Everything falls back (``None`` / the module itself) when the kernel does not apply: no compiler or no AVX-512,
-autograd, autocast, non-float32 or non-CPU tensors, inference-tensor weights, sizes not multiples of 32 (head size
-included), or modules other than the plain ones (e.g. the int8 mode's ``Int8Linear``, a tanh GELU).
+autograd, autocast, non-float32 or non-CPU tensors, inference-tensor weights (the blocks; :func:`linear` packs such a
+weight afresh on each call), sizes not multiples of 32 (:func:`linear`'s outputs excepted: zero-padded panels; head
+sizes included), or modules other than the plain ones (e.g. the int8 mode's ``Int8Linear``, a tanh GELU).
 """
 
 from __future__ import annotations
@@ -496,12 +497,27 @@ static void depthwise3x3_relu(const float* x, int64_t h, int64_t w, int64_t c, i
 }
 
 /* The stem: 3x3 convolution (padding 1, stride s) of a one-channel image x [h, w] (row stride ldx) to c channels
-   + bias + ReLU -> y [ho, wo, c] (NHWC); w9 [9, c] as the depthwise taps. Taps summed in order, then the bias. */
+   + bias + ReLU -> y [ho, wo, c] (NHWC); w9 [9, c] as the depthwise taps. Taps summed in order, then the bias (the
+   border's missing taps skipped). Interior positions of a 32-channel stem keep all 18 tap vectors in registers. */
 static void stem3x3_relu(const float* x, int64_t ldx, int64_t h, int64_t w, int64_t c, int64_t s, const float* w9,
                          const float* b, float* y, int64_t ho, int64_t wo) {
-    for (int64_t oy = 0; oy < ho; oy++)
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t oy = 0; oy < ho; oy++) {
+        int interior_row = oy * s - 1 >= 0 && oy * s + 1 < h;
         for (int64_t ox = 0; ox < wo; ox++) {
             float* out = y + (oy * wo + ox) * c;
+            if (c == 32 && interior_row && ox * s - 1 >= 0 && ox * s + 1 < w) {
+                const float* p = x + (oy * s - 1) * ldx + ox * s - 1;
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                for (int64_t t = 0; t < 9; t++) {
+                    __m512 v = _mm512_set1_ps(p[(t / 3) * ldx + t % 3]);
+                    a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w9 + t * 32), a0);
+                    a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w9 + t * 32 + 16), a1);
+                }
+                _mm512_storeu_ps(out, _mm512_max_ps(_mm512_add_ps(a0, _mm512_loadu_ps(b)), zero));
+                _mm512_storeu_ps(out + 16, _mm512_max_ps(_mm512_add_ps(a1, _mm512_loadu_ps(b + 16)), zero));
+                continue;
+            }
             for (int64_t c0 = 0; c0 < c; c0 += 16) {
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t ky = 0; ky < 3; ky++) {
@@ -514,10 +530,10 @@ static void stem3x3_relu(const float* x, int64_t ldx, int64_t h, int64_t w, int6
                                               _mm512_loadu_ps(w9 + (ky * 3 + kx) * c + c0), acc);
                     }
                 }
-                acc = _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), _mm512_setzero_ps());
-                _mm512_storeu_ps(out + c0, acc);
+                _mm512_storeu_ps(out + c0, _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), zero));
             }
         }
+    }
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -736,13 +752,19 @@ def openmp() -> bool:
 
 
 def pack_weight(weight: Tensor) -> Tensor:
-    """``[N, K]`` -> ``[N/32, K, 32]``: column panels, each row of a panel contiguous."""
+    """``[N, K]`` -> ``[ceil(N/32), K, 32]``: column panels, each row of a panel contiguous (a last partial panel
+    padded with zero columns)."""
     n, k = weight.shape
-    return weight.detach().t().reshape(k, n // PANEL, PANEL).permute(1, 0, 2).contiguous()
+    weight = weight.detach()
+    if n % PANEL:
+        weight = torch.cat([weight, weight.new_zeros(PANEL - n % PANEL, k)])
+    return weight.t().reshape(k, -1, PANEL).permute(1, 0, 2).contiguous()
 
 
 def _packed_weight(module: nn.Linear) -> Tensor:
     weight = module.weight
+    if weight.is_inference():  # no version counter: packed afresh, never cached
+        return pack_weight(weight)
     key = (fingerprint((weight,)), tuple(weight.shape))
     entry = _packed.get(module)
     if entry is None or entry[0] != key:
@@ -761,10 +783,9 @@ def _applies(module: nn.Module, x: Tensor) -> bool:
     if type(module) is not nn.Linear or not _inference_ok(x):
         return False
     weight = module.weight
-    if weight.is_inference() or weight.dtype != torch.float32:
+    if weight.dtype != torch.float32:
         return False
-    n, k = weight.shape
-    return n % PANEL == 0 and k <= MAX_K and weight.device.type == "cpu" and available()
+    return weight.shape[1] <= MAX_K and weight.device.type == "cpu" and available()
 
 
 def _threads(work: int, min_work: int = 1) -> int:
@@ -773,21 +794,25 @@ def _threads(work: int, min_work: int = 1) -> int:
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)`` for an ``nn.Linear`` (``x [..., K]`` -> ``[..., N]``) through the packed-weight kernel when it
-    applies (see the module doc), else the module itself. More than one intra-op thread splits the panels."""
+    applies (see the module doc), else the module itself. More than one intra-op thread splits the panels. An ``N``
+    that is not a multiple of 32 (a 521-class head) runs on zero-padded panels, its extra columns dropped."""
     if not _applies(module, x):
         return module(x)
     weight, bias = module.weight, module.bias
     n, k = weight.shape
+    padded = -(-n // PANEL) * PANEL
     rows = x.reshape(-1, k)
     if not rows.is_contiguous():
         rows = rows.contiguous()
     packed = _packed_weight(module)
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    if bias is not None and (padded != n or not bias.is_contiguous()):
+        bias = torch.cat([bias.detach(), bias.new_zeros(padded - n)]) if padded != n else bias.contiguous()
+    out = torch.empty(rows.shape[0], padded, dtype=x.dtype, device=x.device)
     _LIBRARY.lib().small_gemm(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(),
-                              None if bias is None else bias.data_ptr(), out.data_ptr(), n,
-                              _threads(n // PANEL, MIN_PANELS_PER_THREAD))
+                              None if bias is None else bias.data_ptr(), out.data_ptr(), padded,
+                              _threads(padded // PANEL, MIN_PANELS_PER_THREAD))
+    if padded != n:
+        out = out[:, :n].contiguous()
     return out.view(*x.shape[:-1], n)
 
 
