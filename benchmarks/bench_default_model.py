@@ -19,7 +19,8 @@
    YAMNet row.
 
     python benchmarks/bench_default_model.py [--weights EXPORT.safetensors] [--compare PREVIOUS.safetensors]
-        [--shards /work/cache/corpus/shards_v3] [--threads 2] [--student-threads N] [--json out.json]
+        [--shards /work/cache/corpus/shards_v3] [--threads 2] [--student-threads N] [--precision int8]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads for the speed rows (default: as `tympan tag`, the model's hint)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "agreement", "speed", "throughput"])
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                        help="the student's (and --compare's) inference precision, as `tympan tag --precision`")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -201,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     import tympan
 
     shared = Path(args.shared)
-    model = load_shipped() if args.weights is None else tympan.load(args.weights)
+    from tympan.inference.precision import with_precision
+
+    model = with_precision(load_shipped() if args.weights is None else tympan.load(args.weights), args.precision)
     yamnet = YAMNet(shared / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip", num_threads=args.threads)
-    results: dict[str, Any] = {"threads": args.threads}
-    previous = tympan.load(args.compare) if args.compare else None
+    results: dict[str, Any] = {"threads": args.threads, "precision": args.precision}
+    previous = with_precision(tympan.load(args.compare), args.precision) if args.compare else None
     if "probe" not in args.skip:
         results["esc10_probe"] = probe(model, yamnet, shared, previous)
         print("ESC-10 4-fold:", results["esc10_probe"], flush=True)
