@@ -310,6 +310,13 @@ def test_int8_block_equals_its_arithmetic_in_pytorch(threads, stem, images, h, w
         assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
 
 
+def test_int8_refuses_pointwise_wider_than_512_inputs():
+    model = create_model("tymnet-s", channels=(32, 64, 1024, 32), strides=(2, 2, 2), teacher_dim=16).eval()
+    with pytest.raises(ValueError, match="at most 512 input channels, this model has 1024"):
+        model.quantize_int8()
+    assert not model.int8_pointwise
+
+
 def test_u8_quantisation_round_trips():
     """Per-row unsigned 8-bit quantisation: integers 0..255, the row maximum maps to 255, a zero row to scale 0,
     and the error is at most half a step."""
