@@ -9,15 +9,18 @@ Distilled from YAMNet (521 AudioSet classes) on audio built here (``recipes/defa
   input outside autograd and tracing, everything up to the log runs in one C pass (:mod:`tympan.ops.log_mel`: no
   padded copy, 16 frames per vector, the GIL released); otherwise in torch ops (``torch.fft.rfft``).
 * model: patches of 96 frames with a 48-frame hop, each through depthwise-separable
-  blocks (MobileNet-v1 style, BatchNorm + ReLU) after a 4x4-tile stem, global average pool -> ``embedding`` -> 521 logits.
+  blocks (MobileNet-v1 style, BatchNorm + ReLU) after a stem (4x4 tiles, or a 3x3 stride-2 convolution), global
+  average pool -> ``embedding`` -> 521 logits.
   Clip logits are ``logit(mean_patches sigmoid(patch logits))``, so clip probabilities are YAMNet-style means.
 * inference (eval mode, not under export/compile tracing): every BatchNorm is folded into the convolution before
   it (:func:`fold_batchnorm`; cached, recomputed when a weight or running statistic changes) and the stem's 4x4
   tiles run as one matmul on NHWC activations. Without autograd, on float32 CPU tensors with an AVX-512 C compiler,
   the blocks and the pooling run patch by patch in one C call (:func:`tympan.ops.small_gemm.run_dsconv`: no
-  Python between layers, the GIL released, each patch's activations in a small scratch area); otherwise op by op,
-  pointwise convolutions as matmuls and depthwise ones through oneDNN. Training mode, the state dict and the
-  exported graph use the modules as they are.
+  Python between layers, the GIL released, each patch's activations in a small scratch area; a 3x3 stem runs in
+  the same call, on the patches as views of the log-mel), and the head and projection on packed weights; otherwise
+  op by op, pointwise convolutions as matmuls and depthwise ones through oneDNN. :meth:`TymNet.quantize_int8`
+  (``--precision int8``) runs the pointwise convolutions as int8 products (VNNI). Training mode, the state dict and
+  the exported graph use the modules as they are.
 * embeddings: frame = per-patch embedding (hop 0.48 s, first centre 0.4875 s); scene = mean over patches.
 * streaming: ``chunk_samples = 7,680`` (0.48 s); the state is the previous 7,920 samples, so each step sees exactly
   one 15,600-sample patch: step ``k`` equals patch ``k`` of the whole clip left-padded with 7,920 zeros.
