@@ -229,6 +229,19 @@ def test_folded_weights_follow_every_change(long_features):
 needs_kernel = pytest.mark.skipif(not small_gemm.available(), reason="no C compiler or no AVX-512")
 
 
+def _check_stack(stack: small_gemm.DSConvStack, x: torch.Tensor, expected: torch.Tensor, threads: int) -> None:
+    """The kernel's output on `threads` threads equals `expected`; an image's output is the same bits alone."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = small_gemm.run_dsconv(stack, x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if x.shape[0] > 1:
+        assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("images,h,w,strides", [(11, 24, 16, (2, 1, 2, 1, 2, 1)), (3, 7, 5, (1, 2, 3)),
@@ -248,16 +261,7 @@ def test_dsconv_kernel_equals_torch_ops(threads, images, h, w, strides):
         y = F.conv2d(expected.permute(0, 3, 1, 2), dw, dw_b, s, 1, groups=dw.shape[0]).relu_()
         expected = F.linear(y.permute(0, 2, 3, 1), pw, pw_b).relu_()
     expected = expected.mean((1, 2))
-    stack = small_gemm.dsconv_stack(layers)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        out = small_gemm.run_dsconv(stack, x)
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    if images > 1:
-        assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
+    _check_stack(small_gemm.dsconv_stack(layers), x, expected, threads)
     odd = [(dw, b, pw[:40], pw_b[:40], s) for dw, b, pw, pw_b, s in layers[:1]]  # 40 outputs: not whole panels
     assert small_gemm.dsconv_stack(odd) is None and small_gemm.dsconv_stack([(*layers[0][:4], 0)]) is None
 
@@ -299,15 +303,7 @@ def test_int8_block_equals_its_arithmetic_in_pytorch(threads, stem, images, h, w
     expected = small_gemm.pointwise_u8(y, q, scale, pw_b).mean((1, 2))
     stack = small_gemm.dsconv_stack([(dw, dw_b, pw, pw_b, stride)], stem=spec, int8=True)
     assert stack is not None and stack.int8
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        out = small_gemm.run_dsconv(stack, x)
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    if images > 1:
-        assert torch.equal(small_gemm.run_dsconv(stack, x[1:2]), out[1:2])
+    _check_stack(stack, x, expected, threads)
 
 
 def test_int8_refuses_pointwise_wider_than_512_inputs():

@@ -471,34 +471,40 @@ void small_gemm(const float* x, int64_t m, int64_t k, const float* w, const floa
     run_segments(&seg, 1, 0, 1);
 }
 
-/* Depthwise 3x3 convolution (padding 1, stride s) + bias + ReLU on one NHWC image x [h, w, c] -> y [ho, wo, c];
-   w9 [9, c]: the taps row-major (ky, kx), c a multiple of 16. Taps summed in order, then the bias. */
+/* One output position (oy, ox) of a 3x3 convolution (padding 1, stride s) + bias + ReLU -> out [c], c a multiple of
+   16; w9 [9, c]: the taps row-major (ky, kx). Depthwise (one_channel 0): x is NHWC [h, w, c]; the stem (one_channel
+   1): x is one channel [h, w], each pixel feeding every output channel. Rows of x are ldx floats apart. Taps summed
+   in order, then the bias (the border's missing taps skipped). */
+static inline __attribute__((always_inline)) void conv3x3_at(const float* x, int64_t ldx, int one_channel,
+        int64_t h, int64_t w, int64_t c, int64_t s, const float* w9, const float* b, float* out, int64_t oy,
+        int64_t ox) {
+    const int64_t pixel = one_channel ? 1 : c;
+    for (int64_t c0 = 0; c0 < c; c0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t ky = 0; ky < 3; ky++) {
+            int64_t iy = oy * s - 1 + ky;
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t kx = 0; kx < 3; kx++) {
+                int64_t ix = ox * s - 1 + kx;
+                if (ix < 0 || ix >= w) continue;
+                const float* v = x + iy * ldx + ix * pixel;
+                acc = _mm512_fmadd_ps(one_channel ? _mm512_set1_ps(*v) : _mm512_loadu_ps(v + c0),
+                                      _mm512_loadu_ps(w9 + (ky * 3 + kx) * c + c0), acc);
+            }
+        }
+        _mm512_storeu_ps(out + c0, _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), _mm512_setzero_ps()));
+    }
+}
+
+/* Depthwise 3x3 convolution + bias + ReLU on one NHWC image x [h, w, c] -> y [ho, wo, c] (conv3x3_at). */
 static void depthwise3x3_relu(const float* x, int64_t h, int64_t w, int64_t c, int64_t s, const float* w9,
                               const float* b, float* y, int64_t ho, int64_t wo) {
     for (int64_t oy = 0; oy < ho; oy++)
-        for (int64_t ox = 0; ox < wo; ox++) {
-            float* out = y + (oy * wo + ox) * c;
-            for (int64_t c0 = 0; c0 < c; c0 += 16) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t ky = 0; ky < 3; ky++) {
-                    int64_t iy = oy * s - 1 + ky;
-                    if (iy < 0 || iy >= h) continue;
-                    for (int64_t kx = 0; kx < 3; kx++) {
-                        int64_t ix = ox * s - 1 + kx;
-                        if (ix < 0 || ix >= w) continue;
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + (iy * w + ix) * c + c0),
-                                              _mm512_loadu_ps(w9 + (ky * 3 + kx) * c + c0), acc);
-                    }
-                }
-                acc = _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), _mm512_setzero_ps());
-                _mm512_storeu_ps(out + c0, acc);
-            }
-        }
+        for (int64_t ox = 0; ox < wo; ox++) conv3x3_at(x, w * c, 0, h, w, c, s, w9, b, y + (oy * wo + ox) * c, oy, ox);
 }
 
-/* The stem: 3x3 convolution (padding 1, stride s) of a one-channel image x [h, w] (row stride ldx) to c channels
-   + bias + ReLU -> y [ho, wo, c] (NHWC); w9 [9, c] as the depthwise taps. Taps summed in order, then the bias (the
-   border's missing taps skipped). Interior positions of a 32-channel stem keep all 18 tap vectors in registers. */
+/* The stem: a one-channel image x [h, w] (row stride ldx) -> y [ho, wo, c] (conv3x3_at); the interior positions of
+   a 32-channel stem with all 18 tap vectors in registers (the same sums in the same order). */
 static void stem3x3_relu(const float* x, int64_t ldx, int64_t h, int64_t w, int64_t c, int64_t s, const float* w9,
                          const float* b, float* y, int64_t ho, int64_t wo) {
     const __m512 zero = _mm512_setzero_ps();
@@ -506,32 +512,19 @@ static void stem3x3_relu(const float* x, int64_t ldx, int64_t h, int64_t w, int6
         int interior_row = oy * s - 1 >= 0 && oy * s + 1 < h;
         for (int64_t ox = 0; ox < wo; ox++) {
             float* out = y + (oy * wo + ox) * c;
-            if (c == 32 && interior_row && ox * s - 1 >= 0 && ox * s + 1 < w) {
-                const float* p = x + (oy * s - 1) * ldx + ox * s - 1;
-                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-                for (int64_t t = 0; t < 9; t++) {
-                    __m512 v = _mm512_set1_ps(p[(t / 3) * ldx + t % 3]);
-                    a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w9 + t * 32), a0);
-                    a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w9 + t * 32 + 16), a1);
-                }
-                _mm512_storeu_ps(out, _mm512_max_ps(_mm512_add_ps(a0, _mm512_loadu_ps(b)), zero));
-                _mm512_storeu_ps(out + 16, _mm512_max_ps(_mm512_add_ps(a1, _mm512_loadu_ps(b + 16)), zero));
+            if (c != 32 || !interior_row || ox * s - 1 < 0 || ox * s + 1 >= w) {
+                conv3x3_at(x, ldx, 1, h, w, c, s, w9, b, out, oy, ox);
                 continue;
             }
-            for (int64_t c0 = 0; c0 < c; c0 += 16) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t ky = 0; ky < 3; ky++) {
-                    int64_t iy = oy * s - 1 + ky;
-                    if (iy < 0 || iy >= h) continue;
-                    for (int64_t kx = 0; kx < 3; kx++) {
-                        int64_t ix = ox * s - 1 + kx;
-                        if (ix < 0 || ix >= w) continue;
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(x[iy * ldx + ix]),
-                                              _mm512_loadu_ps(w9 + (ky * 3 + kx) * c + c0), acc);
-                    }
-                }
-                _mm512_storeu_ps(out + c0, _mm512_max_ps(_mm512_add_ps(acc, _mm512_loadu_ps(b + c0)), zero));
+            const float* p = x + (oy * s - 1) * ldx + ox * s - 1;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (int64_t t = 0; t < 9; t++) {
+                __m512 v = _mm512_set1_ps(p[(t / 3) * ldx + t % 3]);
+                a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w9 + t * 32), a0);
+                a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w9 + t * 32 + 16), a1);
             }
+            _mm512_storeu_ps(out, _mm512_max_ps(_mm512_add_ps(a0, _mm512_loadu_ps(b)), zero));
+            _mm512_storeu_ps(out + 16, _mm512_max_ps(_mm512_add_ps(a1, _mm512_loadu_ps(b + 16)), zero));
         }
     }
 }
