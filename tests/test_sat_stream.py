@@ -166,7 +166,9 @@ def test_small_gemm_matches_linear(rows, k, n, bias):
         made_here.load_state_dict(layer.state_dict())
         torch.testing.assert_close(small_gemm.linear(made_here, x), small_gemm.linear(layer, x), atol=0, rtol=0)
     with torch.no_grad():
-        layer.weight.mul_(2)  # the packed copy follows the weight's version
+        layer.weight.mul_(2)  # the packed copy follows the weight's version (and the padded bias the bias's)
+        if bias:
+            layer.bias.add_(1)
     with torch.inference_mode():
         torch.testing.assert_close(small_gemm.linear(layer, x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 

@@ -470,28 +470,22 @@ class TymNet(AudioModel):
         x = F.relu(self.stem_bn(self.stem(patches[:, None].contiguous(memory_format=torch.channels_last))))
         return self.blocks(x).mean((-2, -1))
 
-    def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
-        """The head or the projection: on the folded inference path through the packed-weight C product
-        (:func:`tympan.ops.small_gemm.linear`: MKL repacks a 1 MB weight on every call, which costs more than the
-        product for a few patches), else the module."""
-        return small_gemm.linear(layer, x) if self._folded_path() else layer(x)
-
     def patch_outputs(self, patches: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Patches ``[P, 96, 64]`` -> (logits ``[P, C]``, pooled features, projected teacher embedding or None)."""
         pooled = self.backbone(patches)
-        projected = self._linear(self.projection, pooled) if self.projection is not None else None
-        return self._linear(self.head, pooled), pooled, projected
+        projected = small_gemm.linear(self.projection, pooled) if self.projection is not None else None
+        return small_gemm.linear(self.head, pooled), pooled, projected
 
     def _per_patch(self, features: Tensor, windows_per_batch: int) -> tuple[Tensor, Tensor]:
         pooled = self._pooled(features, max(1, windows_per_batch) * 16)
         if self.embedding_kind == "projection":
-            return self._linear(self.head, pooled), self._linear(self.projection, pooled)
-        return self._linear(self.head, pooled), pooled
+            return small_gemm.linear(self.head, pooled), small_gemm.linear(self.projection, pooled)
+        return small_gemm.linear(self.head, pooled), pooled
 
     # ----------------------------------------------------------------------------------------- protocol
     def forward(self, features: Tensor) -> Tensor:
         """Log-mel ``[B, T, 64]`` -> clip logits ``[B, C]`` = ``logit(mean over patches of sigmoid)``."""
-        logits = self._linear(self.head, self._pooled(features, 512))
+        logits = small_gemm.linear(self.head, self._pooled(features, 512))
         return torch.logit(torch.sigmoid(logits).mean(1), eps=1e-6)
 
     def frame_logits(self, features: Tensor) -> Tensor:
@@ -513,7 +507,7 @@ class TymNet(AudioModel):
             raise ValueError(f"step takes chunks of {self.chunk_samples} samples, got {chunk.shape[-1]}")
         samples = torch.cat([state[0], chunk.float()], -1)
         features = self.frontend(samples)  # exactly 96 frames: no padding needed
-        logits = self._linear(self.head, self._pooled(features[:, :PATCH_FRAMES], None)[:, 0])
+        logits = small_gemm.linear(self.head, self._pooled(features[:, :PATCH_FRAMES], None)[:, 0])
         return logits, (samples[:, PATCH_HOP_SAMPLES:],)
 
     def steps(self, block: Tensor, state: State) -> tuple[Tensor, State]:
@@ -525,7 +519,7 @@ class TymNet(AudioModel):
             raise ValueError(f"steps takes a whole number of {self.chunk_samples}-sample chunks, got {block.shape[-1]}")
         samples = torch.cat([state[0], block.float()], -1)  # 15,600 + (k - 1) * 7,680: no padding
         pooled = self._pooled(self.frontend(samples), 256)  # [B, k, C]
-        return self._linear(self.head, pooled), (samples[:, -(MIN_SAMPLES - PATCH_HOP_SAMPLES):],)
+        return small_gemm.linear(self.head, pooled), (samples[:, -(MIN_SAMPLES - PATCH_HOP_SAMPLES):],)
 
 
 def _build(**config: Any) -> TymNet:

@@ -729,7 +729,7 @@ _LIBRARY = native.NativeLibrary(
     switch="TYMPAN_SMALL_GEMM",
     optional_flags=("-fopenmp",),
 )
-_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, ...], Tensor]] = weakref.WeakKeyDictionary()
+_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, tuple[Tensor, Tensor | None]]] = weakref.WeakKeyDictionary()
 
 
 def available() -> bool:
@@ -754,22 +754,37 @@ def pack_weight(weight: Tensor) -> Tensor:
     return weight.t().reshape(k, -1, PANEL).permute(1, 0, 2).contiguous()
 
 
-def _packed_weight(module: nn.Linear) -> Tensor:
-    weight = module.weight
-    if weight.is_inference():  # no version counter: packed afresh, never cached
-        return pack_weight(weight)
-    key = (fingerprint((weight,)), tuple(weight.shape))
+def _packed_linear(module: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """The module's weight packed (:func:`pack_weight`) and its bias padded to whole panels, cached while the weight's
+    and bias's storage and version are unchanged (inference-tensor weights keep no version: packed afresh)."""
+    weight, bias = module.weight, module.bias
+    padded = -(-weight.shape[0] // PANEL) * PANEL
+
+    def build() -> tuple[Tensor, Tensor | None]:
+        if bias is None:
+            return pack_weight(weight), None
+        return pack_weight(weight), torch.cat([bias.detach(), bias.new_zeros(padded - bias.shape[0])]).contiguous()
+
+    tensors = (weight,) if bias is None else (weight, bias)
+    key = fingerprint(tensors)
+    if key is None:
+        return build()
+    key = (key, tuple(weight.shape))
     entry = _packed.get(module)
     if entry is None or entry[0] != key:
-        entry = (key, pack_weight(weight))
-        _packed[module] = entry
+        entry = _packed[module] = (key, build())
     return entry[1]
 
 
+def _packed_weight(module: nn.Linear) -> Tensor:
+    return _packed_linear(module)[0]
+
+
 def _inference_ok(x: Tensor) -> bool:
-    """The call-level conditions: enabled, no autograd or autocast, a float32 CPU input."""
+    """The call-level conditions: enabled, no autograd or autocast, not being traced (a foreign call is invisible to
+    export), a float32 CPU input."""
     return (ENABLED and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and x.dtype == torch.float32 and x.device.type == "cpu")
+            and x.dtype == torch.float32 and x.device.type == "cpu" and not native.tracing())
 
 
 def _applies(module: nn.Module, x: Tensor) -> bool:
@@ -791,15 +806,12 @@ def linear(module: nn.Module, x: Tensor) -> Tensor:
     that is not a multiple of 32 (a 521-class head) runs on zero-padded panels, its extra columns dropped."""
     if not _applies(module, x):
         return module(x)
-    weight, bias = module.weight, module.bias
-    n, k = weight.shape
+    n, k = module.weight.shape
     padded = -(-n // PANEL) * PANEL
     rows = x.reshape(-1, k)
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    packed = _packed_weight(module)
-    if bias is not None and (padded != n or not bias.is_contiguous()):
-        bias = torch.cat([bias.detach(), bias.new_zeros(padded - n)]) if padded != n else bias.contiguous()
+    packed, bias = _packed_linear(module)
     out = torch.empty(rows.shape[0], padded, dtype=x.dtype, device=x.device)
     _LIBRARY.lib().small_gemm(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(),
                               None if bias is None else bias.data_ptr(), out.data_ptr(), padded,
