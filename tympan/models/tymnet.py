@@ -398,11 +398,11 @@ class TymNet(AudioModel):
         """Run the pointwise convolutions in int8 from now on (``with_precision(model, "int8")``): weights symmetric
         per output channel, each block's input quantised per position to unsigned 8 bits after its ReLU, the products
         exact in int32 (AVX-512 VNNI in the C kernel; the same arithmetic in PyTorch ops elsewhere). Folded inference
-        only: training mode, autograd and export keep float32. Up to 512 input channels per pointwise convolution
-        (the integer sums stay exact in float32 on the path without VNNI)."""
-        widest = max(block.pw.in_channels for block in self.blocks)
-        if widest > 512:
-            raise ValueError(f"int8 pointwise convolutions take at most 512 input channels, this model has {widest}")
+        only: training mode, autograd and export keep float32. Up to ``small_gemm.INT8_MAX_INPUTS`` (512) input
+        channels per pointwise convolution (the integer sums stay exact in float32 on the path without VNNI)."""
+        widest, limit = max(block.pw.in_channels for block in self.blocks), small_gemm.INT8_MAX_INPUTS
+        if widest > limit:
+            raise ValueError(f"int8 pointwise convolutions take at most {limit} input channels, this model has {widest}")
         self.int8_pointwise = True
         self._stack_cache = self._int8_cache = None
 

@@ -56,6 +56,7 @@ PANEL = 32
 MIN_PANELS_PER_THREAD = 4  # linear(): below this a second thread costs more than it saves
 MIN_TILES_PER_THREAD = 2  # run_blocks(): 6-row tiles of the chunk per thread
 MAX_K = 4096  # the kernel's zero row holds this many inputs (K, and memory + chunk tokens in attention)
+INT8_MAX_INPUTS = 512  # int8 pointwise products: every partial sum stays below 2^24, exact in float32 (pointwise_u8)
 
 _SOURCE = r"""
 #define _GNU_SOURCE
@@ -572,15 +573,17 @@ static inline __attribute__((always_inline)) void tile6_u8(const uint8_t* const*
         v = broadcast4(a4 + 4 * kq); c40 = _mm512_dpbusd_epi32(c40, v, w0); c41 = _mm512_dpbusd_epi32(c41, v, w1);
         v = broadcast4(a5 + 4 * kq); c50 = _mm512_dpbusd_epi32(c50, v, w0); c51 = _mm512_dpbusd_epi32(c51, v, w1);
     }
+#define RESCALE(acc, s, b, q) _mm512_max_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, q), b), z)
 #define STORE_U8_ROW(r, x0, x1)                                                                                  \
     if (rows > r) {                                                                                             \
         __m512 q = _mm512_set1_ps(sa[r]), z = _mm512_setzero_ps();                                              \
-        _mm512_storeu_ps(c + r * ldc, _mm512_max_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(x0), _mm512_mul_ps(s0, q), b0), z)); \
-        _mm512_storeu_ps(c + r * ldc + 16, _mm512_max_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(x1), _mm512_mul_ps(s1, q), b1), z)); \
+        _mm512_storeu_ps(c + r * ldc, RESCALE(x0, s0, b0, q));                                                  \
+        _mm512_storeu_ps(c + r * ldc + 16, RESCALE(x1, s1, b1, q));                                             \
     }
     STORE_U8_ROW(0, c00, c01) STORE_U8_ROW(1, c10, c11) STORE_U8_ROW(2, c20, c21)
     STORE_U8_ROW(3, c30, c31) STORE_U8_ROW(4, c40, c41) STORE_U8_ROW(5, c50, c51)
 #undef STORE_U8_ROW
+#undef RESCALE
 }
 
 /* relu(q [m, k] @ w + bias), rescaled by the rows' and columns' scales, into out [m, n] (n / 32 panels). */
@@ -1024,9 +1027,10 @@ def quantize_u8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 def pointwise_u8(x: Tensor, q_weight: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
     """``relu(x @ weight.T + bias)`` as the kernel's int8 blocks compute it, in PyTorch ops (the path without the
     kernel, and the tests' reference): ``x`` quantised per row (:func:`quantize_u8_rows`), the integer product exact
-    (in float32: every partial sum is below 2^24 for ``C_in <= 512``), rescaled by the row and column scales."""
-    if x.shape[-1] > 512:
-        raise ValueError(f"pointwise_u8 takes at most 512 input channels, got {x.shape[-1]}")
+    (in float32: every partial sum is below 2^24 for ``C_in <=`` :data:`INT8_MAX_INPUTS`), rescaled by the row and
+    column scales."""
+    if x.shape[-1] > INT8_MAX_INPUTS:
+        raise ValueError(f"pointwise_u8 takes at most {INT8_MAX_INPUTS} input channels, got {x.shape[-1]}")
     q, row_scale = quantize_u8_rows(x)
     acc = F.linear(q, q_weight.float())
     return (acc * (w_scale * row_scale) + bias).relu_()
@@ -1055,7 +1059,7 @@ def dsconv_stack(layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, int]],
     for dw, dw_b, pw, pw_b, stride in layers:
         cin, cout = int(dw.shape[0]), int(pw.shape[0])
         if (tuple(dw.shape) != (cin, 1, 3, 3) or tuple(pw.shape) != (cout, cin) or cin != channels[-1]
-                or cin % PANEL or cout % PANEL or cin > (512 if int8 else MAX_K) or stride < 1):  # fmt: skip
+                or cin % PANEL or cout % PANEL or cin > (INT8_MAX_INPUTS if int8 else MAX_K) or stride < 1):  # fmt: skip
             return None
         with torch.inference_mode(False), torch.no_grad():
             if int8:
