@@ -349,7 +349,7 @@ def scores_embedding_loss(logits: Tensor, projected: Tensor | None, teacher_prob
         bce = F.binary_cross_entropy_with_logits(logits / temperature, soft) * temperature**2
     logs: Logs = {"bce": float(bce.detach())}
     loss = bce
-    if teacher_logits is not None and logit_weight:
+    if logit_weight:  # teacher_logits computed above
         matched = F.smooth_l1_loss(logits.clamp_min(logit_floor), teacher_logits.clamp_min(logit_floor))
         loss = loss + logit_weight * matched
         logs["logit"] = float(matched.detach())
