@@ -202,7 +202,8 @@ needs_kernel = pytest.mark.skipif(not small_gemm.available(), reason="no C compi
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch,n,m,given", [(1, 48, 48, False), (2, 44, 48, True), (1, 4, 0, False), (3, 13, 20, True)])
 def test_run_blocks_matches_block_modules(threads, batch, n, m, given):
-    """The one-call C blocks (split over 1 or 2 threads by rows, streams straddling the split) equal the modules."""
+    """The one-call C blocks (split over 1 or 2 threads by output panels and by (stream, head, query tile)
+    attention units, streams straddling the split) equal the modules."""
     from tympan.models.layers import Block
 
     torch.manual_seed(0)
@@ -236,6 +237,35 @@ def test_run_blocks_matches_block_modules(threads, batch, n, m, given):
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch,n,m", [(1, 48, 48), (3, 13, 20)])
+def test_run_blocks_do_not_depend_on_the_thread_count(batch, n, m):
+    """Every output is computed by one thread with the same arithmetic whatever the split: 1, 2 and 3 threads give
+    the same bits (a stream's logits do not depend on the machine's core count)."""
+    from tympan.models.layers import Block
+
+    torch.manual_seed(1)
+    blocks = torch.nn.ModuleList(Block(96, 3) for _ in range(2)).eval()
+    x = torch.randn(batch, n, 96)
+    memories = [torch.randn(batch, m, 96) for _ in blocks]
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                table = small_gemm.block_table(blocks, x)
+                states = torch.empty(3, batch, n, 96)
+                states[0] = x
+                kvc, kvm = torch.empty(2, batch, n, 192), torch.empty(2, batch, m, 192)
+                small_gemm.run_blocks(table, states, memories, [None, None], kvm, kvc)
+            results.append((states, kvc, kvm))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_kernel
 def test_kernel_gelu_and_table_fallbacks():
     """The kernel's exact GELU is within 2e-6 of torch's; blocks it cannot run (tanh GELU, head size not a multiple
     of 32, autograd) get no table."""
@@ -251,3 +281,22 @@ def test_kernel_gelu_and_table_fallbacks():
         blocks[0].mlp.act = torch.nn.GELU(approximate="tanh")
         assert small_gemm.block_table(blocks, tokens) is None
     assert small_gemm.block_table(torch.nn.ModuleList([Block(96, 3)]), tokens) is None  # autograd on
+
+
+def test_fingerprint_follows_changes_and_refuses_inference_tensors():
+    """The weights key every cache here checks: an in-place change or a replaced storage moves it; an inference
+    tensor (no version counter) gives None, so nothing is cached from it."""
+    from tympan.ops.weights import fingerprint
+
+    layer = torch.nn.Linear(4, 4)
+    key = fingerprint([layer.weight, layer.bias])
+    assert key is not None and fingerprint([layer.weight, layer.bias]) == key
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    assert fingerprint([layer.weight, layer.bias]) != key
+    key = fingerprint([layer.weight, layer.bias])
+    layer.weight.data = torch.zeros(4, 4)
+    assert fingerprint([layer.weight, layer.bias]) != key
+    with torch.inference_mode():
+        frozen = torch.ones(3)
+    assert fingerprint([layer.weight, frozen]) is None

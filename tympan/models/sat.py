@@ -207,7 +207,7 @@ class SAT(SpectrogramTransformer):
 
         * the patch embedding is one matmul (:meth:`embed_chunk`);
         * the blocks run in one call of the C kernel (:func:`tympan.ops.small_gemm.run_blocks`: prepacked weights,
-          fused epilogues, attention, the chunk's rows split over the intra-op threads, one barrier per block); where it does
+          fused epilogues, attention, each product's output panels split over the intra-op threads); where it does
           not apply (e.g. the int8 mode), :meth:`_python_blocks` runs them op by op with the same fusions;
         * each block runs one fused ``qkv`` product on the chunk; only the memory's keys/values come from the
           memory, and for blocks 1.. they come from the K/V memo when ``cache`` is the tensor the previous step

@@ -15,11 +15,15 @@ add ``res + (...)``, or the exact GELU) on the registers.
 * :func:`block_table` / :func:`run_blocks`: whole pre-norm ViT blocks (:class:`tympan.models.layers.Block`) on a
   chunk with memory keys/values, the SAT streaming step, in one call: layer norms, the fused qkv product (and the
   memory's keys/values when not given), attention over memory + chunk keys, ``x + proj(.)``, ``gelu(fc1(.))``,
-  ``y + fc2(.)``. The chunk's rows (whole 6-row tiles) are dealt out to ``torch.get_num_threads()`` threads in one
-  OpenMP parallel region; every phase is row-local except attention, which needs every row's keys/values, so a block
-  costs one barrier (spin ~30 us, then sleep on a futex: on a machine busier than its cores a spinning waiter would
-  hold the core the awaited thread needs). The library is built with ``-fopenmp`` when the compiler takes it and then
-  runs on torch's own OpenMP runtime and thread team; without OpenMP it runs on one thread.
+  ``y + fc2(.)``, on ``torch.get_num_threads()`` threads in one OpenMP parallel region. Each product is split by
+  output panels (every thread all rows, its share of the weights: at 48 rows the 22 MB of weights streamed per step
+  are the cost, and with a split by rows each thread streamed all of them, 8 % slower per step), attention by
+  (stream, head, 6-row query tile) units; every thread computes the layer norms itself (cheaper than a barrier).
+  A block costs five barriers (spin ~30 us, then sleep on a futex: on a machine busier than its cores a spinning
+  waiter would hold the core the awaited thread needs). Each output is computed by one thread with the same
+  arithmetic whatever the split, so results do not depend on the thread count. The library is built with
+  ``-fopenmp`` when the compiler takes it and then runs on torch's own OpenMP runtime and thread team; without
+  OpenMP it runs on one thread.
 
 Numerics: the same products, each output's K sum in order; layer norm two-pass in fp32; softmax ``exp(s - max)``
 with the sum divided at the end (as the flash attention kernel); GELU with erf by Abramowitz-Stegun 7.1.26
@@ -345,36 +349,27 @@ typedef struct {
     const float* const* mem_kv;  /* per block: memory keys/values [batch, m, 2d] or NULL: computed into kvm */
     float* kvm;                  /* [depth, batch, m, 2d] */
     float* kvc;                  /* [depth, batch, n, 2d]: the chunk's keys/values */
-    float *h, *q, *mixed, *act, *scratch;
+    float *q, *mixed, *act, *scratch; /* shared: queries, attention outputs, fc1 activations; per thread */
     int64_t scratch_per_thread;
     block_barrier* barrier;
 } job;
 
 
-/* [*lo, *hi): thread t's rows of `rows` when 6-row tiles are dealt out in nt contiguous runs */
-static void row_share(int64_t rows, int t, int nt, int64_t* lo, int64_t* hi) {
-    int64_t tiles = (rows + 5) / 6;
-    *lo = 6 * (tiles * t / nt);
-    *hi = 6 * (tiles * (t + 1) / nt);
-    if (*lo > rows) *lo = rows;
-    if (*hi > rows) *hi = rows;
-}
-
-/* Thread t of nt runs every phase on its own rows (whole 6-row tiles): norm1, qkv (and the memory's keys/values on
-   its share of the memory rows), then, once every thread's keys/values are there (the one barrier of a block),
-   attention of its query rows, proj + residual, norm2, fc1 + GELU, fc2 + residual: row-local, so a block needs no
-   other synchronisation. The buffers read across threads (keys/values) are per block, never overwritten. */
+/* Thread t of nt: every product is split by output panels (each thread reads only its share of the weights, a
+   whole-chunk tile of rows per panel: the weights are the traffic at these sizes, the 48 rows are not), attention by
+   (stream, head, 6-row query tile) units, the layer norms are computed by every thread into its own buffer (a few
+   microseconds, cheaper than a barrier). Per block: norm1, qkv (and the memory's keys/values), barrier, attention,
+   barrier, proj + residual, barrier, norm2, fc1 + GELU, barrier, fc2 + residual, barrier. Each output is computed by
+   one thread with the same arithmetic whatever the split, so the results do not depend on the thread count. */
 static void run_blocks(const job* j, int t, int nt) {
     const int64_t d = j->d, n = j->n, m = j->m, rows = j->batch * n, mrows = j->batch * m, hd = d / j->heads;
-    const int64_t l = m + n, lp = (l + 31) / 32 * 32;
+    const int64_t l = m + n, lp = (l + 31) / 32 * 32, tiles = (n + 5) / 6, units = j->batch * j->heads * tiles;
     float* kp = j->scratch + t * j->scratch_per_thread;
     float *vp = kp + lp * hd, *s = vp + lp * hd, *sums = s + (n + 6) * lp;
-    float* hm = j->h + rows * d; /* norm1 of the memory rows */
+    float* h = sums + n + 16;  /* this thread's norm of the chunk rows, then of the memory rows */
+    float* hm = h + rows * d;
     const float scale = 1.0f / sqrtf((float)hd);
-    int64_t r0, r1, m0, m1;
-    row_share(rows, t, nt, &r0, &r1);
-    row_share(mrows, t, nt, &m0, &m1);
-    const int64_t own = r1 - r0;
+    const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
     for (int64_t i = 0; i < j->depth; i++) {
         const float* const* w = j->weights + 12 * i;
         const float* x = j->states + i * rows * d;
@@ -383,46 +378,43 @@ static void run_blocks(const job* j, int t, int nt) {
         const int compute_memory = m > 0 && j->mem_kv[i] == 0;
         const float* kvm = m == 0 ? 0 : (compute_memory ? j->kvm + i * mrows * 2 * d : j->mem_kv[i]);
         const float *wkv = w[2] + d * d, *bkv = w[3] ? w[3] + d : 0;
-        layer_norm_rows(x, d, j->h, d, r0, r1, d, w[0], w[1], j->eps[2 * i]);
-        {   /* qkv of own rows: queries -> q, keys/values -> kvc */
-            segment segs[2] = {
-                {j->h + r0 * d, d, own, d, w[2], w[3], j->q + r0 * d, d, 0, 0, EPI_BIAS, d / 32},
-                {j->h + r0 * d, d, own, d, wkv, bkv, kvc + r0 * 2 * d, 2 * d, 0, 0, EPI_BIAS, 2 * d / 32}};
-            if (own > 0) run_segments(segs, 2, 0, 1);
-        }
-        if (compute_memory && m1 > m0) {  /* the memory's keys/values, own share of its rows -> kvm */
-            layer_norm_rows(j->mem_x[i], d, hm, d, m0, m1, d, w[0], w[1], j->eps[2 * i]);
-            segment seg = {hm + m0 * d, d, m1 - m0, d, wkv, bkv, (float*)kvm + m0 * 2 * d, 2 * d, 0, 0, EPI_BIAS,
-                           2 * d / 32};
-            run_segments(&seg, 1, 0, 1);
+        layer_norm_rows(x, d, h, d, 0, rows, d, w[0], w[1], j->eps[2 * i]);
+        if (compute_memory) layer_norm_rows(j->mem_x[i], d, hm, d, 0, mrows, d, w[0], w[1], j->eps[2 * i]);
+        {   /* queries -> q, the chunk's keys/values -> kvc, the memory's -> kvm when not given */
+            segment segs[3] = {
+                {h, d, rows, d, w[2], w[3], j->q, d, 0, 0, EPI_BIAS, d / 32},
+                {h, d, rows, d, wkv, bkv, kvc, 2 * d, 0, 0, EPI_BIAS, 2 * d / 32},
+                {hm, d, mrows, d, wkv, bkv, (float*)kvm, 2 * d, 0, 0, EPI_BIAS, 2 * d / 32}};
+            run_segments(segs, compute_memory ? 3 : 2, t, nt);
         }
         BARRIER();
-        if (own <= 0) continue;
-        for (int64_t b = r0 / n; b * n < r1; b++) {  /* attention of own query rows, stream by stream */
-            int64_t q0 = (r0 > b * n ? r0 : b * n) - b * n, q1 = (r1 < (b + 1) * n ? r1 : (b + 1) * n) - b * n;
-            for (int64_t head = 0; head < j->heads; head++) {
-                const float* kmem = m ? kvm + b * m * 2 * d + head * hd : 0;
-                const float* kch = kvc + b * n * 2 * d + head * hd;
-                attention_rows(j->q + b * n * d + head * hd, d, q0, q1, kmem, kmem ? kmem + d : 0, 2 * d, m,
-                               kch, kch + d, 2 * d, n, hd, scale, j->mixed + b * n * d + head * hd, d, kp, vp, s,
-                               sums, 1);
-            }
+        for (int64_t u = u0; u < u1;) {  /* attention: this thread's units, one run of query tiles per (stream, head) */
+            const int64_t group = u / tiles, b = group / j->heads, head = group % j->heads;
+            const int64_t last = (group + 1) * tiles < u1 ? (group + 1) * tiles : u1;
+            const int64_t q0 = 6 * (u - group * tiles), q1 = 6 * (last - group * tiles) < n ? 6 * (last - group * tiles) : n;
+            const float* kmem = m ? kvm + b * m * 2 * d + head * hd : 0;
+            const float* kch = kvc + b * n * 2 * d + head * hd;
+            attention_rows(j->q + b * n * d + head * hd, d, q0, q1, kmem, kmem ? kmem + d : 0, 2 * d, m, kch, kch + d,
+                           2 * d, n, hd, scale, j->mixed + b * n * d + head * hd, d, kp, vp, s, sums, 1);
+            u = last;
         }
+        BARRIER();
         {   /* y = x + proj(mixed) */
-            segment seg = {j->mixed + r0 * d, d, own, d, w[4], w[5], y + r0 * d, d, x + r0 * d, d, EPI_RESIDUAL, d / 32};
-            run_segments(&seg, 1, 0, 1);
+            segment seg = {j->mixed, d, rows, d, w[4], w[5], y, d, x, d, EPI_RESIDUAL, d / 32};
+            run_segments(&seg, 1, t, nt);
         }
-        layer_norm_rows(y, d, j->h, d, r0, r1, d, w[6], w[7], j->eps[2 * i + 1]);
+        BARRIER();
+        layer_norm_rows(y, d, h, d, 0, rows, d, w[6], w[7], j->eps[2 * i + 1]);
         {   /* act = gelu(fc1(norm2(y))) */
-            segment seg = {j->h + r0 * d, d, own, d, w[8], w[9], j->act + r0 * j->hidden, j->hidden, 0, 0, EPI_GELU,
-                           j->hidden / 32};
-            run_segments(&seg, 1, 0, 1);
+            segment seg = {h, d, rows, d, w[8], w[9], j->act, j->hidden, 0, 0, EPI_GELU, j->hidden / 32};
+            run_segments(&seg, 1, t, nt);
         }
+        BARRIER();
         {   /* y += fc2(act) */
-            segment seg = {j->act + r0 * j->hidden, j->hidden, own, j->hidden, w[10], w[11], y + r0 * d, d, y + r0 * d,
-                           d, EPI_RESIDUAL, d / 32};
-            run_segments(&seg, 1, 0, 1);
+            segment seg = {j->act, j->hidden, rows, j->hidden, w[10], w[11], y, d, y, d, EPI_RESIDUAL, d / 32};
+            run_segments(&seg, 1, t, nt);
         }
+        if (i + 1 < j->depth) BARRIER();  /* the next norm reads every column of y (the last: the region's end) */
     }
 }
 
@@ -432,15 +424,16 @@ int vit_blocks(int64_t depth, int64_t batch, int64_t n, int64_t m, int64_t d, in
                const float* const* mem_kv, float* kvm, float* kvc, int nthreads) {
     int64_t rows = batch * n, mrows = batch * m, hd = d / heads, lp = (m + n + 31) / 32 * 32;
     if (nthreads < 1) nthreads = 1;
-    int64_t per_thread = 2 * lp * hd + (n + 6) * lp + n + 16;
-    int64_t shared = (rows + mrows) * d + 2 * rows * d + rows * hidden;
+    /* per thread: packed keys and values of a head, scores, sums, norms of the chunk and memory rows (64-byte
+       multiples, so that no two threads write one cache line) */
+    int64_t per_thread = (2 * lp * hd + (n + 6) * lp + n + 16 + (rows + mrows) * d + 15) / 16 * 16;
+    int64_t shared = 2 * rows * d + rows * hidden;
     float* buffer = (float*)malloc(sizeof(float) * (shared + nthreads * per_thread));
     if (!buffer) return -1;
     block_barrier barrier = {0};
     barrier.threads = nthreads;
     job j = {depth, batch, n, m, d, heads, hidden, weights, eps, states, mem_x, mem_kv, kvm, kvc,
-             buffer, buffer + (rows + mrows) * d, buffer + (rows + mrows) * d + rows * d,
-             buffer + (rows + mrows) * d + 2 * rows * d, buffer + shared, per_thread, &barrier};
+             buffer, buffer + rows * d, buffer + 2 * rows * d, buffer + shared, per_thread, &barrier};
 #ifdef _OPENMP
     if (nthreads > 1) {
 #pragma omp parallel num_threads(nthreads)
