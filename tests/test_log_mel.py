@@ -119,3 +119,98 @@ def test_declines_what_it_does_not_cover():
     grad_wave = torch.randn(1, 16000, requires_grad=True)
     frontend(grad_wave).sum().backward()  # the torch path, differentiable
     assert grad_wave.grad is not None and torch.isfinite(grad_wave.grad).all()
+
+
+# ------------------------------------------------------------------------------------------ power_mel (STFT frontends)
+def _power_mel_reference(spectrum: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """float64: |spectrum|^2 @ mel, ``[B, T, F]`` -> ``[B, M, T]``."""
+    power = spectrum.to(torch.complex128).abs().square()
+    return (power @ mel.double()).transpose(1, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3), frames=st.integers(1, 70), bins=st.integers(2, 300), mels=st.integers(1, 70),
+    zero_columns=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_power_mel_equals_float64(batch, frames, bins, mels, zero_columns, seed):
+    """Any sizes (frames not a multiple of 4 or 16, bands not a multiple of 16, bands with no weights): the C band
+    powers are within float32 rounding of float64 |X|^2 @ mel."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.complex(torch.randn(batch, frames, bins, generator=g), torch.randn(batch, frames, bins, generator=g))
+    mel = torch.rand(bins, mels, generator=g) * (torch.rand(bins, mels, generator=g) < 0.3)
+    if zero_columns:
+        mel[:, ::3] = 0
+    out = log_mel.power_mel(spectrum, log_mel.mel_layout(mel), mels)
+    assert out is not None and out.shape == (batch, mels, frames)
+    expected = _power_mel_reference(spectrum, mel)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=1e-6 * float(expected.abs().max()) + 1e-30)
+
+
+def test_power_mel_db_log10_and_floor():
+    """In dB: 10 log10(max(x, amin)) within 2e-5 dB of torch's over 1e-12..1e12, the floor ``max - top_db`` per
+    group of items (1: each item; the batch: all), and no floor with ``top_db=None``."""
+    values = torch.logspace(-12, 12, 4001, dtype=torch.float64).float()
+    bins = 257
+    spectrum = torch.complex(values.sqrt(), torch.zeros_like(values)).reshape(1, -1, 1).expand(1, -1, bins).contiguous()
+    mel = torch.zeros(bins, 20)
+    mel[5, 3] = 1.0  # band 3 reads bin 5 alone: the power itself
+    out = log_mel.power_mel(spectrum, log_mel.mel_layout(mel), 20, db=(1e-10, None, 1))
+    expected = 10 * torch.log10(values.double().clamp_min(1e-10))
+    torch.testing.assert_close(out[0, 3].double(), expected, atol=2e-5, rtol=0)
+    assert torch.all((out[0, 0] + 100.0).abs() < 2e-5)  # empty bands: the amin floor, 10 log10(1e-10)
+    slope = 10 ** (-torch.arange(bins) / 40.0)  # bins fall off to -128 dB: the floor is reached
+    loud = torch.complex(torch.randn(2, 30, bins), torch.randn(2, 30, bins)) * slope
+    loud[1] *= 1e-3  # item 1 is 60 dB quieter
+    banded = torch.zeros(bins, 16)
+    for j in range(16):  # band j: bins 16 j .. 16 j + 15, so the bands span the spectrum's 128 dB
+        banded[16 * j : 16 * j + 16, j] = 1.0
+    layout = log_mel.mel_layout(banded)
+    each = log_mel.power_mel(loud, layout, 16, db=(1e-10, 20.0, 1))
+    both = log_mel.power_mel(loud, layout, 16, db=(1e-10, 20.0, 2))
+    for i in range(2):
+        assert float(each[i].min()) == float(each[i].max()) - 20.0
+    assert torch.all(both[1] == float(both[0].max()) - 20.0)  # the batch's floor lifts all of the quiet item
+
+
+def test_stft_frontends_equal_their_torch_path(clips):
+    """DashengMel (dB, batch or per-clip floor, any leading shape) and an SSAM-style MelSpectrogram through the C
+    pass equal the torch path: within 1e-4 dB (the fixtures allow 1e-3) and 1e-6 relative."""
+    from tympan.features import DashengMel, MelSpectrogram
+
+    wave = torch.from_numpy(np.stack([clips[0][:32000], clips[1][:32000]]))
+    batch = torch.cat([wave, 1e-3 * wave.flip(0)])  # quiet items: the floor matters
+    for batch_max in (True, False):
+        frontend = DashengMel(batch_max=batch_max)
+        for x in (batch[0], batch, batch[:, None], batch.reshape(2, 2, -1)):
+            with torch.inference_mode():
+                fast = frontend(x)
+                log_mel.ENABLED = False
+                try:
+                    slow = frontend(x)
+                finally:
+                    log_mel.ENABLED = True
+            torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+    ssam = MelSpectrogram(16000, 400, hop_length=160, n_mels=80, f_min=50.0, f_max=8000.0)
+    with torch.inference_mode():
+        fast = ssam(batch)
+        log_mel.ENABLED = False
+        try:
+            slow = ssam(batch)
+        finally:
+            log_mel.ENABLED = True
+    torch.testing.assert_close(fast, slow, atol=0, rtol=1e-6)
+
+
+def test_power_mel_declines_and_autograd_keeps_the_torch_path():
+    """Autograd, complex128 or a mismatched matrix: None; a DashengMel under autograd stays differentiable."""
+    from tympan.features import DashengMel
+
+    spectrum = torch.complex(torch.randn(1, 5, 257), torch.randn(1, 5, 257))
+    layout = log_mel.mel_layout(torch.rand(257, 64))
+    assert log_mel.power_mel(spectrum.to(torch.complex128), layout, 64) is None
+    assert log_mel.power_mel(spectrum[..., :200], layout, 64) is None
+    assert log_mel.power_mel(spectrum.requires_grad_(), layout, 64) is None
+    wave = torch.randn(1, 16000, requires_grad=True)
+    DashengMel()(wave).sum().backward()
+    assert wave.grad is not None and torch.isfinite(wave.grad).all()

@@ -34,6 +34,7 @@ from tympan.features.mel import (
     amplitude_to_db,
     mel_filterbank,
     mel_spectrogram,
+    mel_spectrogram_db,
     stft_num_frames,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "kaldi_window",
     "mel_filterbank",
     "mel_spectrogram",
+    "mel_spectrogram_db",
     "pad_or_crop",
     "stft_num_frames",
 ]

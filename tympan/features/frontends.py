@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tympan.errors import ConfigError
 from tympan.features.checks import as_waveform
 from tympan.features.kaldi import KaldiFbank, kaldi_fbank, kaldi_frame_layout, kaldi_num_frames
-from tympan.features.mel import amplitude_to_db, mel_spectrogram, stft_num_frames
+from tympan.features.mel import mel_spectrogram, mel_spectrogram_db, stft_num_frames
 
 __all__ = [
     "ASTFbank",
@@ -153,7 +153,8 @@ class DashengMel(_STFTMelFrontend):
         self.top_db, self.batch_max = top_db, batch_max
 
     def forward(self, waveform: Tensor) -> Tensor:
-        return amplitude_to_db(self.mel(waveform), top_db=self.top_db, batch_max=self.batch_max)
+        return mel_spectrogram_db(as_waveform(waveform), self.sample_rate, self.n_fft, self.win_length, self.hop_length,
+                                  self.f_min, self.f_max, self.n_mels, top_db=self.top_db, batch_max=self.batch_max)
 
 
 class SSAMLogMel(_STFTMelFrontend):

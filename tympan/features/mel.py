@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tympan.errors import InputError
+from tympan.ops import log_mel
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -44,6 +45,7 @@ __all__ = [
     "amplitude_to_db",
     "mel_filterbank",
     "mel_spectrogram",
+    "mel_spectrogram_db",
     "stft_num_frames",
 ]
 
@@ -74,6 +76,11 @@ class Filterbank:
             self.blocks.append((lo, hi, matrix[lo:hi, start:stop].contiguous()))
             cost += (hi - lo) * (stop - start)
         self.banded = cost < (2 * matrix.numel()) // 3
+
+    @functools.cached_property
+    def layout(self) -> tuple[Tensor, Tensor]:
+        """The matrix as :func:`tympan.ops.log_mel.power_mel` reads it (padded to 16-band groups, their bin ranges)."""
+        return log_mel.mel_layout(self.matrix)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.banded:
@@ -179,8 +186,26 @@ def mel_spectrogram(
 
     Periodic ``window`` of ``win_length`` (default ``n_fft``) centred in ``n_fft``, hop ``hop_length``
     (default ``win_length // 2``), ``|STFT| ** power``, then the triangular mel bank (``f_max`` defaults to
-    ``sample_rate / 2``). Differentiable; any leading batch shape.
+    ``sample_rate / 2``). Differentiable; any leading batch shape. In inference the squaring and the mel product
+    are one C pass (:func:`tympan.ops.log_mel.power_mel`; the FFT stays torch's).
     """
+    return _mel_spectrogram(waveform, sample_rate, n_fft, win_length, hop_length, f_min, f_max, n_mels, center,
+                            pad_mode, power, window, mel_scale, norm)
+
+
+def mel_spectrogram_db(waveform: Tensor, sample_rate: int = 16000, n_fft: int = 400, win_length: int | None = None,
+                       hop_length: int | None = None, f_min: float = 0.0, f_max: float | None = None, n_mels: int = 128,
+                       top_db: float | None = 120.0, amin: float = 1e-10, batch_max: bool = True) -> Tensor:
+    """``amplitude_to_db(mel_spectrogram(...), top_db, amin, batch_max)`` of a centred, reflect-padded, Hann power
+    spectrogram (Dasheng's and SAT's frontend); in inference the squaring, mel product, dB and floor are one C pass."""
+    return _mel_spectrogram(waveform, sample_rate, n_fft, win_length, hop_length, f_min, f_max, n_mels,
+                            db=(amin, top_db, batch_max))
+
+
+def _mel_spectrogram(waveform: Tensor, sample_rate: int, n_fft: int, win_length: int | None, hop_length: int | None,
+                     f_min: float, f_max: float | None, n_mels: int, center: bool = True, pad_mode: str = "reflect",
+                     power: float = 2.0, window: str = "hann", mel_scale: str = "htk", norm: str | None = None,
+                     db: tuple[float, float | None, bool] | None = None) -> Tensor:
     win_length = win_length or n_fft
     hop_length = hop_length or win_length // 2
     f_max = float(sample_rate // 2) if f_max is None else float(f_max)
@@ -201,13 +226,20 @@ def mel_spectrogram(
         window=spectrogram_window(window, win_length, waveform.device, waveform.dtype),
         center=center, pad_mode=pad_mode, normalized=False, onesided=True, return_complex=True,
     )
-    if power == 2.0:
-        squares = torch.view_as_real(stft).square()  # one pass over (re, im) pairs, then re^2 + im^2 (same sums)
-        spectrum = squares[..., 0] + squares[..., 1]
-    else:
-        spectrum = stft.abs().pow(power)
     banks = _filterbank(n_fft // 2 + 1, float(f_min), f_max, n_mels, int(sample_rate), norm, mel_scale, waveform.device, waveform.dtype)
-    mel = banks(spectrum.transpose(-1, -2)).transpose(-1, -2)
+    mel = None
+    if power == 2.0 and waveform.dtype == torch.float32 and waveform.device.type == "cpu":  # one C pass (inference)
+        # amplitude_to_db's floor: the max over the last three axes of [*leading, M, T] (batch_max), else per matrix
+        group = leading[-1] if db is not None and db[2] and len(leading) else 1
+        mel = log_mel.power_mel(stft.transpose(-1, -2), banks.layout, n_mels, None if db is None else (db[0], db[1], group))
+    if mel is None:
+        if power == 2.0:
+            squares = torch.view_as_real(stft).square()  # one pass over (re, im) pairs, then re^2 + im^2 (same sums)
+            spectrum = squares[..., 0] + squares[..., 1]
+        else:
+            spectrum = stft.abs().pow(power)
+        mel = banks(spectrum.transpose(-1, -2)).transpose(-1, -2).reshape(*leading, n_mels, -1)
+        return mel if db is None else amplitude_to_db(mel, top_db=db[1], amin=db[0], batch_max=db[2])
     return mel.reshape(*leading, n_mels, mel.shape[-1])
 
 

@@ -17,6 +17,11 @@ Numerics: float32 throughout; the magnitude spectrum is within ~1e-7 of float64 
 the log-mel within ~5e-5 of the torch path (pocketfft) on real audio (the log magnifies quiet bins' rounding). The
 library is built on first use (:mod:`tympan.ops.native`; ``TYMPAN_LOG_MEL=0`` or ``TYMPAN_NATIVE=0`` disables it):
 without it :func:`mel_energies` returns ``None`` and the caller takes its torch path.
+
+:func:`power_mel` serves the STFT frontends (Dasheng, SAT, SSAM: :func:`tympan.features.mel.mel_spectrogram`): after
+torch's own FFT (kept, so the spectrum is the original's bit for bit) it squares, applies the mel bank and, for the
+dB frontends, takes ``10 log10`` and the ``max - top_db`` floor in one pass, in place of about fifteen torch ops
+(a 1.92 s SAT chunk: ~40 us instead of ~220 us on this machine's 2-core CPU, measured alone).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from tympan.ops import native
 
-__all__ = ["available", "mel_energies"]
+__all__ = ["available", "mel_energies", "mel_layout", "power_mel"]
 
 ENABLED = True  # False: mel_energies() returns None (the torch path; tests and benchmarks compare both)
 NFFT = 512
@@ -36,6 +41,7 @@ BINS = HALF + 1
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -210,6 +216,156 @@ void mel_energies(const float* wave, int64_t batch, int64_t length, int64_t fram
               out + (row * frames + first) * mels);
     }
 }
+
+/* 10 log10(x) for x > 0 in plain C that vectorises: x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s),
+   s = (m - 1) / (m + 1), |s| < 0.172, by its odd series to s^11 (relative error < 1e-9 before rounding). 0 gives
+   -inf, NaN stays NaN, +inf stays +inf. */
+static inline float ten_log10(float x) {
+    union { float f; int32_t i; } u = {x};
+    int32_t e = ((u.i >> 23) & 0xff) - 127;
+    u.i = (u.i & 0x007fffff) | 0x3f800000;  /* m in [1, 2) */
+    float m = u.f;
+    const int big = m > 1.41421356f;
+    m = big ? 0.5f * m : m;
+    e = big ? e + 1 : e;
+    const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    const float series = s * (2.0f + s2 * (2.0f / 3 + s2 * (2.0f / 5 + s2 * (2.0f / 7 + s2 * (2.0f / 9 + s2 * (2.0f / 11))))));
+    const float y = ((float)e * 0.693147180559945f + series) * 4.34294481903252f;  /* 10 / ln 10 */
+    return x > 0.0f && x < INFINITY ? y : (x == 0.0f ? -INFINITY : x);
+}
+
+/* Mel band powers of a complex spectrum, in dB when asked (the STFT frontends' |X|^2 @ mel, then AmplitudeToDB):
+   spec [batch, frames, bins] (re, im interleaved) -> out [batch, mels, frames]. mel: [bins, mels16] (mels16 = mels
+   rounded up to 16, zero columns past mels); ranges: per group of 16 bands, the bins [lo, hi) where any weight of the
+   group is nonzero. Each band sums its bins in increasing order (zero weights add +0), four frames side by side (four
+   independent chains of fused multiply-adds); the powers round as torch's square-then-add. db: out = 10 log10(max(out, amin)), then with top_db >= 0 floored at its max - top_db, the max
+   over each group of `group` consecutive rows (1: each row; batch: all). */
+void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, const float* mel, int mels,
+               const int32_t* ranges, int db, float amin, float top_db, int64_t group, float* out, int nthreads) {
+    const int groups = (mels + 15) / 16, mels16 = 16 * groups;
+    const int64_t blocks = (frames + L - 1) / L, tasks = batch * blocks;
+    float* peaks = malloc(sizeof(float) * (tasks > 0 ? tasks : 1));
+    if (!peaks) return;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1 && tasks >= 32)
+#endif
+    for (int64_t task = 0; task < tasks; task++) {  /* 16 frames each; threads only from 512 frames on */
+        const int64_t row = task / blocks, first = (task % blocks) * L;
+        const int used = (int)(frames - first < L ? frames - first : L);
+        float* power = malloc(sizeof(float) * 4 * (bins + mels16));  /* 4 frames at a time: 4 independent sums */
+        float peak = -INFINITY;
+        if (power) {
+            float* accs = power + 4 * bins;
+            float* o = out + row * mels * frames + first;
+            for (int l0 = 0; l0 < used; l0 += 4) {
+                for (int f = 0; f < 4; f++) {  /* frames past `used` read frame l0 again; they are not written */
+                    const float* x = spec + (row * frames + first + (l0 + f < used ? l0 + f : l0)) * bins * 2;
+                    float* p = power + f * bins;
+                    int64_t k = 0;
+#ifdef __AVX512F__
+                    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+                    for (; k + 16 <= bins; k += 16) {
+                        const __m512 v0 = _mm512_loadu_ps(x + 2 * k), v1 = _mm512_loadu_ps(x + 2 * k + 16);
+                        const __m512 re = _mm512_permutex2var_ps(v0, even, v1), im = _mm512_permutex2var_ps(v0, odd, v1);
+                        _mm512_storeu_ps(p + k, _mm512_add_ps(_mm512_mul_ps(re, re), _mm512_mul_ps(im, im)));
+                    }
+#endif
+                    for (; k < bins; k++) {
+                        const float re2 = x[2 * k] * x[2 * k], im2 = x[2 * k + 1] * x[2 * k + 1];
+                        p[k] = re2 + im2;
+                    }
+                }
+                for (int g = 0; g < groups; g++) {
+                    const float* w = mel + 16 * g;
+#ifdef __AVX512F__
+                    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int32_t k = ranges[2 * g]; k < ranges[2 * g + 1]; k++) {
+                        const __m512 wk = _mm512_loadu_ps(w + (int64_t)k * mels16);
+                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(power[k]), wk, a0);
+                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(power[bins + k]), wk, a1);
+                        a2 = _mm512_fmadd_ps(_mm512_set1_ps(power[2 * bins + k]), wk, a2);
+                        a3 = _mm512_fmadd_ps(_mm512_set1_ps(power[3 * bins + k]), wk, a3);
+                    }
+                    _mm512_storeu_ps(accs + 16 * g, a0);
+                    _mm512_storeu_ps(accs + mels16 + 16 * g, a1);
+                    _mm512_storeu_ps(accs + 2 * mels16 + 16 * g, a2);
+                    _mm512_storeu_ps(accs + 3 * mels16 + 16 * g, a3);
+#else
+                    for (int f = 0; f < 4; f++) {
+                        float a[16] = {0};
+                        for (int32_t k = ranges[2 * g]; k < ranges[2 * g + 1]; k++) {
+                            const float pk = power[f * bins + k], *wk = w + (int64_t)k * mels16;
+                            for (int j = 0; j < 16; j++) a[j] += pk * wk[j];
+                        }
+                        for (int j = 0; j < 16; j++) accs[f * mels16 + 16 * g + j] = a[j];
+                    }
+#endif
+                }
+                for (int f = 0; f < 4 && l0 + f < used; f++) {
+                    float* acc = accs + f * mels16;
+                    if (db) {  /* the frame's bands in dB, while they are in L1 */
+#ifdef __AVX512F__
+                        const __m512 lo = _mm512_set1_ps(amin), ln2 = _mm512_set1_ps(0.693147180559945f);
+                        const __m512 one = _mm512_set1_ps(1.0f);
+                        __m512 top = _mm512_set1_ps(peak);
+                        __mmask16 nan = peak != peak;
+                        for (int j = 0; j < mels16; j += 16) {
+                            const __m512 x = _mm512_max_ps(lo, _mm512_loadu_ps(acc + j));  /* a NaN stays NaN */
+                            __m512 e = _mm512_getexp_ps(x), m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+                            const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+                            m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+                            e = _mm512_mask_add_ps(e, big, e, one);
+                            const __m512 z = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+                            const __m512 z2 = _mm512_mul_ps(z, z);
+                            __m512 poly = _mm512_set1_ps(2.0f / 11);
+                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 9));
+                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 7));
+                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 5));
+                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 3));
+                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f));
+                            const __m512 y = _mm512_mul_ps(_mm512_fmadd_ps(e, ln2, _mm512_mul_ps(poly, z)),
+                                                           _mm512_set1_ps(4.34294481903252f));
+                            _mm512_storeu_ps(acc + j, y);
+                            const __mmask16 live = j + 16 <= mels ? (__mmask16)0xffff : (__mmask16)((1u << (mels - j)) - 1);
+                            top = _mm512_mask_max_ps(top, live, top, y);
+                            nan |= _mm512_mask_cmp_ps_mask(live, y, y, _CMP_UNORD_Q);
+                        }
+                        peak = nan ? NAN : _mm512_reduce_max_ps(top);
+#else
+                        for (int j = 0; j < mels; j++) {
+                            acc[j] = ten_log10(acc[j] < amin ? amin : acc[j]);  /* a NaN stays NaN */
+                            peak = peak != peak ? peak : (acc[j] > peak || acc[j] != acc[j] ? acc[j] : peak);
+                        }
+#endif
+                    }
+                    for (int j = 0; j < mels; j++) o[(int64_t)j * frames + l0 + f] = acc[j];
+                }
+            }
+            free(power);
+        }
+        peaks[task] = peak;
+    }
+    if (db && top_db >= 0.0f) {
+        if (group < 1) group = 1;
+        for (int64_t g0 = 0; g0 < batch; g0 += group) {  /* each group's floor into peaks[row * blocks] of its rows */
+            const int64_t g1 = g0 + group < batch ? g0 + group : batch;
+            float peak = -INFINITY;
+            for (int64_t t = g0 * blocks; t < g1 * blocks; t++)  /* a NaN anywhere makes the floor NaN, as torch's */
+                peak = peak != peak ? peak : (peaks[t] > peak || peaks[t] != peaks[t] ? peaks[t] : peak);
+            for (int64_t row = g0; row < g1; row++) peaks[row * blocks] = peak - top_db;
+        }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1 && batch > 1)
+#endif
+        for (int64_t row = 0; row < batch; row++) {
+            const float floor = peaks[row * blocks];
+            float* o = out + row * mels * frames;
+            for (int64_t i = 0; i < mels * frames; i++) o[i] = o[i] > floor ? o[i] : floor;
+        }
+    }
+    free(peaks);
+}
 """
 
 _LIBRARY = native.NativeLibrary(
@@ -219,6 +375,8 @@ _LIBRARY = native.NativeLibrary(
         "log_mel_openmp": (native.INT, []),
         "mel_energies": (None, [native.PTR, native.I64, native.I64, native.I64, native.I64, native.INT, native.PTR,
                                 native.PTR, native.INT, native.FLOAT, native.PTR, native.INT]),
+        "power_mel": (None, [native.PTR, native.I64, native.I64, native.I64, native.PTR, native.INT, native.PTR,
+                             native.INT, native.FLOAT, native.FLOAT, native.I64, native.PTR, native.INT]),
     },
     switch="TYMPAN_LOG_MEL",
     optional_flags=("-fopenmp",),
@@ -251,4 +409,48 @@ def mel_energies(waveform: Tensor, frames: int, hop: int, window: Tensor, mel: T
     lib.mel_energies(waveform.data_ptr(), waveform.shape[0], waveform.shape[1], frames, hop, window.shape[0],
                      window.data_ptr(), mel.data_ptr(), mel.shape[1], float(offset), out.data_ptr(),
                      max(1, threads if threads is not None else torch.get_num_threads()))  # fmt: skip
+    return out
+
+
+
+def mel_layout(mel: Tensor) -> tuple[Tensor, Tensor]:
+    """``[F, M]`` mel matrix -> what :func:`power_mel` reads: the matrix with its columns padded with zeros to a
+    multiple of 16 and, per group of 16 bands, the bin range ``[lo, hi)`` where any weight is nonzero (int32)."""
+    bins, mels = mel.shape
+    groups = -(-mels // 16)
+    padded = torch.zeros(bins, 16 * groups, dtype=torch.float32)
+    padded[:, :mels] = mel
+    nonzero = (padded != 0).reshape(bins, groups, 16).any(-1)  # [F, groups]
+    ranges = torch.zeros(groups, 2, dtype=torch.int32)
+    for g in range(groups):
+        hits = nonzero[:, g].nonzero().flatten()
+        if hits.numel():
+            ranges[g] = torch.tensor([int(hits[0]), int(hits[-1]) + 1], dtype=torch.int32)
+    return padded, ranges
+
+
+def power_mel(spectrum: Tensor, layout: tuple[Tensor, Tensor], mels: int, db: tuple[float, float | None, int] | None = None,
+              threads: int | None = None) -> Tensor | None:
+    """``|spectrum|^2 @ mel`` in one C pass: complex ``[B, T, F]`` (each frame's bins contiguous, e.g. the transpose
+    of ``torch.stft``'s ``[B, F, T]``) -> ``[B, mels, T]`` float32, with the mel matrix as :func:`mel_layout` gives it.
+    The powers are torch's bit for bit and each band sums its bins in order (within ~1e-7 of the dense product).
+    ``db = (amin, top_db, group)`` also converts to dB as :func:`tympan.features.mel.amplitude_to_db` does (its
+    own vectorised log10, within ~1e-5 dB), the ``max - top_db`` floor taken over each ``group`` consecutive items. ``None`` when it does not apply (off, autograd, tracing, not complex64 on
+    the CPU, shapes that disagree): the caller uses torch ops."""
+    if not ENABLED or native.tracing() or spectrum.dim() != 3:
+        return None
+    lib = _LIBRARY.lib()
+    if lib is None or (torch.is_grad_enabled() and spectrum.requires_grad):
+        return None
+    matrix, ranges = layout
+    if (spectrum.dtype != torch.complex64 or spectrum.device.type != "cpu" or matrix.shape[0] != spectrum.shape[2]
+            or 0 in spectrum.shape or not 0 < mels <= matrix.shape[1]):
+        return None
+    spectrum = spectrum.contiguous()
+    batch, frames, bins = spectrum.shape
+    amin, top_db, group = db if db is not None else (0.0, None, 1)
+    out = torch.empty(batch, mels, frames)
+    lib.power_mel(spectrum.data_ptr(), batch, frames, bins, matrix.data_ptr(), mels, ranges.data_ptr(), db is not None,
+                  float(amin), -1.0 if top_db is None else float(top_db), int(group), out.data_ptr(),
+                  max(1, threads if threads is not None else torch.get_num_threads()))
     return out
