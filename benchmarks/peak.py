@@ -51,16 +51,17 @@ def matmul_peak(threads: int | None = None, dtype: str = "fp32", size: int = 204
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` (matmuls, convolutions, attention), counted by torch's FlopCounterMode, with
-    tympan's C product kernels off (torch cannot see inside them: the same work then runs as torch ops)."""
-    from tympan.ops import small_gemm
+    tympan's C product kernels and oneDNN products off (torch cannot see inside them: the same work then runs as
+    torch ops)."""
+    from tympan.ops import dense, small_gemm
 
-    saved = small_gemm.ENABLED, small_gemm.BLOCKS_ENABLED
-    small_gemm.ENABLED = small_gemm.BLOCKS_ENABLED = False
+    saved = small_gemm.ENABLED, small_gemm.BLOCKS_ENABLED, dense.ENABLED
+    small_gemm.ENABLED = small_gemm.BLOCKS_ENABLED = dense.ENABLED = False
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             fn()
     finally:
-        small_gemm.ENABLED, small_gemm.BLOCKS_ENABLED = saved
+        small_gemm.ENABLED, small_gemm.BLOCKS_ENABLED, dense.ENABLED = saved
     return counter.get_total_flops()
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tympan.ops import dense
+
 
 def key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Turn a boolean key-padding mask ``[B, N]`` (True = ignore) into an additive attention bias ``[B, 1, 1, N]``.
@@ -34,6 +36,11 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if type(self.act) is nn.GELU and self.act.approximate == "none" and not self.training:
+            hidden = dense.linear(self.fc1, x, gelu=True)  # inference on prepacked weights, the GELU fused
+            if hidden is not None:
+                out = dense.linear(self.fc2, hidden)
+                return self.fc2(hidden) if out is None else out
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -58,7 +65,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         if memory is None:
-            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            qkv = dense.linear(self.qkv, x)  # inference on a prepacked weight (None: the module)
+            qkv = self.qkv(x) if qkv is None else qkv
+            q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         else:
             w_q, w_kv = self.qkv.weight.split([d, 2 * d])
             b_q, b_kv = self.qkv.bias.split([d, 2 * d]) if self.qkv.bias is not None else (None, None)
@@ -68,7 +77,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
         )
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+        mixed = out.transpose(1, 2).reshape(b, n, d)
+        projected = dense.linear(self.proj, mixed)
+        return self.proj_drop(self.proj(mixed) if projected is None else projected)
 
 
 class DropPath(nn.Module):
