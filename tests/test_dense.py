@@ -65,18 +65,17 @@ def test_declines_outside_plain_float32_inference():
         assert dense.linear(frozen, x) is None  # created in inference mode: no version counter to cache by
 
 
-def test_block_output_and_training_path():
+def test_block_output_and_training_path(monkeypatch):
     """A ViT block in eval mode on the dense path equals the same block with it off; training keeps autograd."""
     torch.manual_seed(0)
     block = Block(96, 3).eval()
     x = torch.randn(2, 130, 96)
     with torch.inference_mode():
         fast = block(x)
-        dense.ENABLED = False
-        try:
-            plain = block(x)
-        finally:
-            dense.ENABLED = True
+    monkeypatch.setattr(dense, "ENABLED", False)
+    with torch.inference_mode():
+        plain = block(x)
+    monkeypatch.undo()
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     block.train()
     y = block(x.requires_grad_())
