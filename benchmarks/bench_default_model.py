@@ -4,7 +4,9 @@
    linear probe of :mod:`tympan.eval.probe` on the student's scene embeddings and on YAMNet's (mean of its 1024-d
    patch embeddings), same protocol, same run. ESC-10 is never in the student's training corpus.
 2. **Agreement with the teacher** on the held-out corpus shards (source files never trained on):
-   :func:`tympan.data.corpus.teacher_agreement` (clip mAP against YAMNet's top-3 labels, top-1 / top-5 match).
+   :func:`tympan.data.corpus.teacher_agreement` (clip mAP against YAMNet's top-3 labels, top-1 / top-5 match),
+   with the teacher's own figures beside it (re-run on the stored float16 patches, and shifted by one 10 ms frame):
+   the metric's ceiling under perturbations no listener would notice.
 3. **Speed**, tagging the 320 ESC-10 files end to end (decode, frontend, model, top-5 tags), one file at a time,
    YAMNet on ``--threads`` threads, the student on those `tympan tag` gives it (its ``inference_threads`` hint,
    at most ``--threads``; ``--student-threads`` overrides): the student through ``tympan tag``'s own path
@@ -92,6 +94,23 @@ def agreement(model: Any, shards: Path) -> dict[str, Any]:
     data = load_shards(shards, "heldout")
     probs = torch.cat([torch.sigmoid(model.patch_outputs(p.float())[0]) for p in torch.from_numpy(data["patches"]).split(512)])
     return teacher_agreement(probs, data["scores"].astype(np.float32), data["file_id"])
+
+
+@torch.no_grad()
+def teacher_ceiling(yamnet: Any, shards: Path) -> dict[str, dict[str, Any]]:
+    """The same agreement for the teacher itself against its stored labels: run again on the stored (float16)
+    patches, and on those patches shifted by one 10 ms frame. What a student that were the teacher would score: the
+    metric's ceiling under perturbations no listener would notice."""
+    from tympan.data.corpus import load_shards, teacher_agreement
+
+    data = load_shards(shards, "heldout")
+    patches = data["patches"].astype(np.float32)[:, None]
+    labels = data["scores"].astype(np.float32)
+    out = {}
+    for name, inputs in (("rerun", patches), ("shifted_10ms", np.roll(patches, 1, axis=2))):
+        scores, _ = yamnet.run(inputs)
+        out[name] = teacher_agreement(scores, labels, data["file_id"])
+    return out
 
 
 def speed(model: Any, yamnet: Any, shared: Path, repeats: int) -> dict[str, Any]:
@@ -217,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         results["heldout_agreement"] = agreement(model, Path(args.shards))
         if previous is not None:
             results["heldout_agreement/previous"] = agreement(previous, Path(args.shards))
+        for name, figures in teacher_ceiling(yamnet, Path(args.shards)).items():
+            results[f"heldout_agreement/teacher_{name}"] = figures
         print("held-out agreement:", {k: v for k, v in results.items() if k.startswith("heldout")}, flush=True)
     if "speed" not in args.skip:
         # the student on the threads `tympan tag` gives it on a machine of --threads cores: its hint (tymnet-s: 1)
