@@ -209,3 +209,21 @@ def test_power_mel_declines_and_autograd_keeps_the_torch_path():
     wave = torch.randn(1, 16000, requires_grad=True)
     DashengMel()(wave).sum().backward()
     assert wave.grad is not None and torch.isfinite(wave.grad).all()
+
+
+def test_power_mel_db_nan_poisons_its_floor_group_as_torch():
+    """A NaN in one item's spectrum: with the per-item floor that item is all NaN and the other untouched, with the
+    batch's floor both are, as torch's amax and maximum make them (amplitude_to_db on the banded product)."""
+    from tympan.features.mel import _filterbank, amplitude_to_db
+
+    g = torch.Generator().manual_seed(0)
+    spectrum = torch.complex(torch.randn(2, 20, 257, generator=g), torch.randn(2, 20, 257, generator=g))
+    spectrum[0, 3, 40] = float("nan")
+    bank = _filterbank(257, 0.0, 8000.0, 64, 16000, None, "htk", torch.device("cpu"), torch.float32)
+    power = torch.view_as_real(spectrum).square().sum(-1)
+    for group, batch_max in ((1, False), (2, True)):
+        fast = log_mel.power_mel(spectrum, bank.layout, 64, db=(1e-10, 80.0, group))
+        slow = amplitude_to_db(bank(power).transpose(1, 2), top_db=80.0, batch_max=batch_max)
+        assert torch.equal(fast.isnan(), slow.isnan()) and fast[0].isnan().all()
+        assert fast[1].isnan().all() == batch_max
+        torch.testing.assert_close(fast.nan_to_num(), slow.nan_to_num(), atol=1e-4, rtol=0)

@@ -63,15 +63,10 @@ class Filterbank:
 
     def __init__(self, matrix: Tensor, group_size: int = 16) -> None:
         self.matrix = matrix
-        nonzero = (matrix != 0).cpu()
-        rows = torch.arange(matrix.shape[0]).unsqueeze(1)
-        first = torch.where(nonzero, rows, matrix.shape[0]).amin(0).tolist()
-        last = torch.where(nonzero, rows + 1, 0).amax(0).tolist()
         self.blocks: list[tuple[int, int, Tensor]] = []
         cost = 0
-        for start in range(0, matrix.shape[1], group_size):
+        for start, (lo, hi) in zip(range(0, matrix.shape[1], group_size), log_mel.group_ranges(matrix, group_size)):
             stop = min(start + group_size, matrix.shape[1])
-            lo, hi = min(first[start:stop]), max(last[start:stop])
             lo, hi = (0, 1) if hi <= lo else (lo, hi)  # all-zero group: keep one row so shapes work
             self.blocks.append((lo, hi, matrix[lo:hi, start:stop].contiguous()))
             cost += (hi - lo) * (stop - start)

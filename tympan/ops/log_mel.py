@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tympan.ops import native
 
-__all__ = ["available", "mel_energies", "mel_layout", "power_mel"]
+__all__ = ["available", "group_ranges", "mel_energies", "mel_layout", "power_mel"]
 
 ENABLED = True  # False: mel_energies() returns None (the torch path; tests and benchmarks compare both)
 NFFT = 512
@@ -229,17 +229,39 @@ static inline float ten_log10(float x) {
     m = big ? 0.5f * m : m;
     e = big ? e + 1 : e;
     const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-    const float series = s * (2.0f + s2 * (2.0f / 3 + s2 * (2.0f / 5 + s2 * (2.0f / 7 + s2 * (2.0f / 9 + s2 * (2.0f / 11))))));
+    const float series =
+        s * (2.0f + s2 * (2.0f / 3 + s2 * (2.0f / 5 + s2 * (2.0f / 7 + s2 * (2.0f / 9 + s2 * (2.0f / 11))))));
     const float y = ((float)e * 0.693147180559945f + series) * 4.34294481903252f;  /* 10 / ln 10 */
     return x > 0.0f && x < INFINITY ? y : (x == 0.0f ? -INFINITY : x);
 }
+
+#ifdef __AVX512F__
+/* ten_log10 of 16 lanes: the exponent and mantissa from getexp / getmant (0 -> -inf, NaN and +inf pass through). */
+static inline __m512 ten_log10_16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 e = _mm512_getexp_ps(x), m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, one);
+    const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one)), s2 = _mm512_mul_ps(s, s);
+    __m512 series = _mm512_set1_ps(2.0f / 11);
+    series = _mm512_fmadd_ps(series, s2, _mm512_set1_ps(2.0f / 9));
+    series = _mm512_fmadd_ps(series, s2, _mm512_set1_ps(2.0f / 7));
+    series = _mm512_fmadd_ps(series, s2, _mm512_set1_ps(2.0f / 5));
+    series = _mm512_fmadd_ps(series, s2, _mm512_set1_ps(2.0f / 3));
+    series = _mm512_fmadd_ps(series, s2, _mm512_set1_ps(2.0f));
+    return _mm512_mul_ps(_mm512_fmadd_ps(e, _mm512_set1_ps(0.693147180559945f), _mm512_mul_ps(series, s)),
+                         _mm512_set1_ps(4.34294481903252f));
+}
+#endif
 
 /* Mel band powers of a complex spectrum, in dB when asked (the STFT frontends' |X|^2 @ mel, then AmplitudeToDB):
    spec [batch, frames, bins] (re, im interleaved) -> out [batch, mels, frames]. mel: [bins, mels16] (mels16 = mels
    rounded up to 16, zero columns past mels); ranges: per group of 16 bands, the bins [lo, hi) where any weight of the
    group is nonzero. Each band sums its bins in increasing order (zero weights add +0), four frames side by side (four
-   independent chains of fused multiply-adds); the powers round as torch's square-then-add. db: out = 10 log10(max(out, amin)), then with top_db >= 0 floored at its max - top_db, the max
-   over each group of `group` consecutive rows (1: each row; batch: all). */
+   independent chains of fused multiply-adds); the powers round as torch's square-then-add. db: out = 10 log10(max(out,
+   amin)), then with top_db >= 0 floored at its max - top_db, the max over each group of `group` consecutive rows (1:
+   each row; batch: all); a NaN makes its group's floor NaN, as torch's amax and maximum do. */
 void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, const float* mel, int mels,
                const int32_t* ranges, int db, float amin, float top_db, int64_t group, float* out, int nthreads) {
     const int groups = (mels + 15) / 16, mels16 = 16 * groups;
@@ -252,6 +274,10 @@ void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, c
     for (int64_t task = 0; task < tasks; task++) {  /* 16 frames each; threads only from 512 frames on */
         const int64_t row = task / blocks, first = (task % blocks) * L;
         const int used = (int)(frames - first < L ? frames - first : L);
+#ifdef __AVX512F__
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+#endif
         float* power = malloc(sizeof(float) * 4 * (bins + mels16));  /* 4 frames at a time: 4 independent sums */
         float peak = -INFINITY;
         if (power) {
@@ -263,11 +289,10 @@ void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, c
                     float* p = power + f * bins;
                     int64_t k = 0;
 #ifdef __AVX512F__
-                    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-                    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-                    for (; k + 16 <= bins; k += 16) {
+                    for (; k + 16 <= bins; k += 16) {  /* deinterleave 16 (re, im) pairs: even and odd lanes */
                         const __m512 v0 = _mm512_loadu_ps(x + 2 * k), v1 = _mm512_loadu_ps(x + 2 * k + 16);
-                        const __m512 re = _mm512_permutex2var_ps(v0, even, v1), im = _mm512_permutex2var_ps(v0, odd, v1);
+                        const __m512 re = _mm512_permutex2var_ps(v0, even, v1);
+                        const __m512 im = _mm512_permutex2var_ps(v0, odd, v1);
                         _mm512_storeu_ps(p + k, _mm512_add_ps(_mm512_mul_ps(re, re), _mm512_mul_ps(im, im)));
                     }
 #endif
@@ -306,28 +331,13 @@ void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, c
                     float* acc = accs + f * mels16;
                     if (db) {  /* the frame's bands in dB, while they are in L1 */
 #ifdef __AVX512F__
-                        const __m512 lo = _mm512_set1_ps(amin), ln2 = _mm512_set1_ps(0.693147180559945f);
-                        const __m512 one = _mm512_set1_ps(1.0f);
+                        const __m512 floor = _mm512_set1_ps(amin);
                         __m512 top = _mm512_set1_ps(peak);
                         __mmask16 nan = peak != peak;
-                        for (int j = 0; j < mels16; j += 16) {
-                            const __m512 x = _mm512_max_ps(lo, _mm512_loadu_ps(acc + j));  /* a NaN stays NaN */
-                            __m512 e = _mm512_getexp_ps(x), m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
-                            const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
-                            m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
-                            e = _mm512_mask_add_ps(e, big, e, one);
-                            const __m512 z = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
-                            const __m512 z2 = _mm512_mul_ps(z, z);
-                            __m512 poly = _mm512_set1_ps(2.0f / 11);
-                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 9));
-                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 7));
-                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 5));
-                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f / 3));
-                            poly = _mm512_fmadd_ps(poly, z2, _mm512_set1_ps(2.0f));
-                            const __m512 y = _mm512_mul_ps(_mm512_fmadd_ps(e, ln2, _mm512_mul_ps(poly, z)),
-                                                           _mm512_set1_ps(4.34294481903252f));
+                        for (int j = 0; j < mels16; j += 16) {  /* max(amin, NaN) keeps the NaN */
+                            const __m512 y = ten_log10_16(_mm512_max_ps(floor, _mm512_loadu_ps(acc + j)));
                             _mm512_storeu_ps(acc + j, y);
-                            const __mmask16 live = j + 16 <= mels ? (__mmask16)0xffff : (__mmask16)((1u << (mels - j)) - 1);
+                            const __mmask16 live = j + 16 <= mels ? 0xffff : (__mmask16)((1u << (mels - j)) - 1);
                             top = _mm512_mask_max_ps(top, live, top, y);
                             nan |= _mm512_mask_cmp_ps_mask(live, y, y, _CMP_UNORD_Q);
                         }
@@ -335,7 +345,7 @@ void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, c
 #else
                         for (int j = 0; j < mels; j++) {
                             acc[j] = ten_log10(acc[j] < amin ? amin : acc[j]);  /* a NaN stays NaN */
-                            peak = peak != peak ? peak : (acc[j] > peak || acc[j] != acc[j] ? acc[j] : peak);
+                            if (peak == peak && !(acc[j] <= peak)) peak = acc[j];  /* a NaN sticks */
                         }
 #endif
                     }
@@ -352,7 +362,7 @@ void power_mel(const float* spec, int64_t batch, int64_t frames, int64_t bins, c
             const int64_t g1 = g0 + group < batch ? g0 + group : batch;
             float peak = -INFINITY;
             for (int64_t t = g0 * blocks; t < g1 * blocks; t++)  /* a NaN anywhere makes the floor NaN, as torch's */
-                peak = peak != peak ? peak : (peaks[t] > peak || peaks[t] != peaks[t] ? peaks[t] : peak);
+                if (peak == peak && !(peaks[t] <= peak)) peak = peaks[t];
             for (int64_t row = g0; row < g1; row++) peaks[row * blocks] = peak - top_db;
         }
 #ifdef _OPENMP
@@ -413,30 +423,39 @@ def mel_energies(waveform: Tensor, frames: int, hop: int, window: Tensor, mel: T
 
 
 
+def group_ranges(matrix: Tensor, size: int = 16) -> list[tuple[int, int]]:
+    """Per group of ``size`` consecutive columns of ``matrix [K, M]``, the rows ``[lo, hi)`` where any of them is
+    nonzero (``(0, 0)`` for a group with none): the bins a group of bands of a banded mel matrix reads (here and in
+    :class:`tympan.features.mel.Filterbank`'s band products)."""
+    nonzero = (matrix != 0).cpu()
+    rows = torch.arange(matrix.shape[0]).unsqueeze(1)
+    first = torch.where(nonzero, rows, matrix.shape[0]).amin(0).tolist()
+    last = torch.where(nonzero, rows + 1, 0).amax(0).tolist()
+    ranges = []
+    for start in range(0, matrix.shape[1], size):
+        lo, hi = min(first[start : start + size]), max(last[start : start + size])
+        ranges.append((lo, hi) if hi > lo else (0, 0))
+    return ranges
+
+
 def mel_layout(mel: Tensor) -> tuple[Tensor, Tensor]:
     """``[F, M]`` mel matrix -> what :func:`power_mel` reads: the matrix with its columns padded with zeros to a
     multiple of 16 and, per group of 16 bands, the bin range ``[lo, hi)`` where any weight is nonzero (int32)."""
     bins, mels = mel.shape
-    groups = -(-mels // 16)
-    padded = torch.zeros(bins, 16 * groups, dtype=torch.float32)
+    padded = torch.zeros(bins, -(-mels // 16) * 16, dtype=torch.float32)
     padded[:, :mels] = mel
-    nonzero = (padded != 0).reshape(bins, groups, 16).any(-1)  # [F, groups]
-    ranges = torch.zeros(groups, 2, dtype=torch.int32)
-    for g in range(groups):
-        hits = nonzero[:, g].nonzero().flatten()
-        if hits.numel():
-            ranges[g] = torch.tensor([int(hits[0]), int(hits[-1]) + 1], dtype=torch.int32)
-    return padded, ranges
+    return padded, torch.tensor(group_ranges(mel, 16), dtype=torch.int32).reshape(-1, 2)
 
 
-def power_mel(spectrum: Tensor, layout: tuple[Tensor, Tensor], mels: int, db: tuple[float, float | None, int] | None = None,
-              threads: int | None = None) -> Tensor | None:
+def power_mel(spectrum: Tensor, layout: tuple[Tensor, Tensor], mels: int,
+              db: tuple[float, float | None, int] | None = None, threads: int | None = None) -> Tensor | None:
     """``|spectrum|^2 @ mel`` in one C pass: complex ``[B, T, F]`` (each frame's bins contiguous, e.g. the transpose
     of ``torch.stft``'s ``[B, F, T]``) -> ``[B, mels, T]`` float32, with the mel matrix as :func:`mel_layout` gives it.
     The powers are torch's bit for bit and each band sums its bins in order (within ~1e-7 of the dense product).
     ``db = (amin, top_db, group)`` also converts to dB as :func:`tympan.features.mel.amplitude_to_db` does (its
-    own vectorised log10, within ~1e-5 dB), the ``max - top_db`` floor taken over each ``group`` consecutive items. ``None`` when it does not apply (off, autograd, tracing, not complex64 on
-    the CPU, shapes that disagree): the caller uses torch ops."""
+    own vectorised log10, within ~1e-5 dB), the ``max - top_db`` floor taken over each ``group`` consecutive items.
+    ``None`` when it does not apply (off, autograd, tracing, not complex64 on the CPU, shapes that disagree): the
+    caller uses torch ops."""
     if not ENABLED or native.tracing() or spectrum.dim() != 3:
         return None
     lib = _LIBRARY.lib()
