@@ -88,28 +88,29 @@ def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[s
 
 
 @torch.no_grad()
-def agreement(model: Any, shards: Path) -> dict[str, Any]:
-    from tympan.data.corpus import load_shards, teacher_agreement
+def agreement(model: Any, heldout: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The student's agreement with the teacher's stored labels on the held-out patches (``load_shards(...,
+    "heldout")``)."""
+    from tympan.data.corpus import teacher_agreement
 
-    data = load_shards(shards, "heldout")
-    probs = torch.cat([torch.sigmoid(model.patch_outputs(p.float())[0]) for p in torch.from_numpy(data["patches"]).split(512)])
-    return teacher_agreement(probs, data["scores"].astype(np.float32), data["file_id"])
+    patches = torch.from_numpy(heldout["patches"])
+    probs = torch.cat([torch.sigmoid(model.patch_outputs(p.float())[0]) for p in patches.split(512)])
+    return teacher_agreement(probs, heldout["scores"].astype(np.float32), heldout["file_id"])
 
 
 @torch.no_grad()
-def teacher_ceiling(yamnet: Any, shards: Path) -> dict[str, dict[str, Any]]:
+def teacher_ceiling(yamnet: Any, heldout: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """The same agreement for the teacher itself against its stored labels: run again on the stored (float16)
     patches, and on those patches shifted by one 10 ms frame. What a student that were the teacher would score: the
     metric's ceiling under perturbations no listener would notice."""
-    from tympan.data.corpus import load_shards, teacher_agreement
+    from tympan.data.corpus import teacher_agreement
 
-    data = load_shards(shards, "heldout")
-    patches = data["patches"].astype(np.float32)[:, None]
-    labels = data["scores"].astype(np.float32)
+    patches = heldout["patches"].astype(np.float32)[:, None]
+    labels = heldout["scores"].astype(np.float32)
     out = {}
     for name, inputs in (("rerun", patches), ("shifted_10ms", np.roll(patches, 1, axis=2))):
         scores, _ = yamnet.run(inputs)
-        out[name] = teacher_agreement(scores, labels, data["file_id"])
+        out[name] = teacher_agreement(scores, labels, heldout["file_id"])
     return out
 
 
@@ -233,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         results["esc10_probe"] = probe(model, yamnet, shared, previous)
         print("ESC-10 4-fold:", results["esc10_probe"], flush=True)
     if "agreement" not in args.skip and Path(args.shards).is_dir():
-        results["heldout_agreement"] = agreement(model, Path(args.shards))
+        from tympan.data.corpus import load_shards
+
+        heldout = load_shards(Path(args.shards), "heldout")  # read once for the student, the previous and the teacher
+        results["heldout_agreement"] = agreement(model, heldout)
         if previous is not None:
-            results["heldout_agreement/previous"] = agreement(previous, Path(args.shards))
-        for name, figures in teacher_ceiling(yamnet, Path(args.shards)).items():
+            results["heldout_agreement/previous"] = agreement(previous, heldout)
+        for name, figures in teacher_ceiling(yamnet, heldout).items():
             results[f"heldout_agreement/teacher_{name}"] = figures
         print("held-out agreement:", {k: v for k, v in results.items() if k.startswith("heldout")}, flush=True)
     if "speed" not in args.skip:
