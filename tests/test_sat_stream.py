@@ -198,6 +198,25 @@ def _reference_blocks(blocks, x, memories, kv_given):
 needs_kernel = pytest.mark.skipif(not small_gemm.available(), reason="no C compiler or no AVX-512")
 
 
+def _kernel_blocks(blocks, x, memories, kv_given, threads):
+    """The blocks through the C kernel (:func:`small_gemm.run_blocks`) on ``threads`` threads: (block outputs with
+    the input as plane 0, the chunk's keys/values, the memory's keys/values)."""
+    depth, (batch, n, d), m = len(blocks), x.shape, 0 if memories is None else memories[0].shape[1]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            table = small_gemm.block_table(blocks, x)
+            assert table is not None
+            states = torch.empty(depth + 1, batch, n, d)
+            states[0] = x
+            kvc, kvm = torch.empty(depth, batch, n, 2 * d), torch.empty(depth, batch, m, 2 * d)
+            small_gemm.run_blocks(table, states, memories, kv_given, kvm, kvc)
+    finally:
+        torch.set_num_threads(previous)
+    return states, kvc, kvm
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch,n,m,given", [(1, 48, 48, False), (2, 44, 48, True), (1, 4, 0, False), (3, 13, 20, True)])
@@ -214,19 +233,9 @@ def test_run_blocks_matches_block_modules(threads, batch, n, m, given):
     x = torch.randn(batch, n, 96)
     memories = [torch.randn(batch, m, 96) for _ in blocks] if m else [None] * 3
     kv_given = [None, torch.randn(batch, m, 192), None] if given else [None] * 3
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            expected, expected_kv = _reference_blocks(blocks, x, memories, kv_given)
-            table = small_gemm.block_table(blocks, x)
-            assert table is not None
-            states = torch.empty(4, batch, n, 96)
-            states[0] = x
-            kvc, kvm = torch.empty(3, batch, n, 192), torch.empty(3, batch, m, 192)
-            small_gemm.run_blocks(table, states, memories if m else None, kv_given, kvm, kvc)
-    finally:
-        torch.set_num_threads(previous)
+    with torch.inference_mode():
+        expected, expected_kv = _reference_blocks(blocks, x, memories, kv_given)
+    states, kvc, kvm = _kernel_blocks(blocks, x, memories if m else None, kv_given, threads)
     torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kvc, expected_kv, atol=1e-5, rtol=1e-5)
     if m:
@@ -247,20 +256,7 @@ def test_run_blocks_do_not_depend_on_the_thread_count(batch, n, m):
     blocks = torch.nn.ModuleList(Block(96, 3) for _ in range(2)).eval()
     x = torch.randn(batch, n, 96)
     memories = [torch.randn(batch, m, 96) for _ in blocks]
-    results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                table = small_gemm.block_table(blocks, x)
-                states = torch.empty(3, batch, n, 96)
-                states[0] = x
-                kvc, kvm = torch.empty(2, batch, n, 192), torch.empty(2, batch, m, 192)
-                small_gemm.run_blocks(table, states, memories, [None, None], kvm, kvc)
-            results.append((states, kvc, kvm))
-    finally:
-        torch.set_num_threads(previous)
+    results = [_kernel_blocks(blocks, x, memories, [None, None], threads) for threads in (1, 2, 3)]
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 

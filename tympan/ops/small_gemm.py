@@ -58,7 +58,8 @@ ENABLED = True  # False: linear() is the module itself and block_table() None (e
 BLOCKS_ENABLED = True  # False: block_table() is None, the callers run their op-by-op path (benchmarks compare both)
 PANEL = 32
 MIN_PANELS_PER_THREAD = 4  # linear(): below this a second thread costs more than it saves
-MIN_TILES_PER_THREAD = 2  # run_blocks(): 6-row tiles of the chunk per thread
+MIN_TILES_PER_THREAD = 2  # run_blocks(): a second thread from this many 6-row tiles of rows per thread (less work
+# loses more to the five barriers per block than the split of the weights gains)
 MAX_K = 4096  # the kernel's zero row holds this many inputs (K, and memory + chunk tokens in attention)
 INT8_MAX_INPUTS = 512  # int8 pointwise products: every partial sum stays below 2^24, exact in float32 (pointwise_u8)
 
