@@ -19,20 +19,19 @@ at least :data:`MIN_ROWS` rows, without autograd, autocast or tracing, when torc
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 from torch import Tensor, nn
 
 from tympan.ops import native
-from tympan.ops.weights import fingerprint
+from tympan.ops.weights import DerivedCache
 
 __all__ = ["available", "linear"]
 
 ENABLED = os.environ.get("TYMPAN_DENSE", "1") != "0"
 MIN_ROWS = 64  # below, F.linear (or small_gemm) is as fast and nothing is worth a packed copy
 
-_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+_packed: DerivedCache[Tensor] = DerivedCache()  # per nn.Linear: its weight reordered for oneDNN
 _available: bool | None = None
 
 
@@ -55,13 +54,8 @@ def available() -> bool:
 def _weight(module: nn.Linear) -> Tensor | None:
     """The module's weight reordered for oneDNN, cached while its storage and version are unchanged (``None`` for an
     inference-tensor weight, which keeps no version: reordering it on every call would cost more than it saves)."""
-    key = fingerprint([module.weight])
-    if key is None:
-        return None
-    entry = _packed.get(module)
-    if entry is None or entry[0] != key:
-        entry = _packed[module] = (key, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach()))
-    return entry[1]
+    weight = module.weight
+    return _packed.get(module, [weight], lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
 
 
 def linear(module: nn.Module, x: Tensor, gelu: bool = False) -> Tensor | None:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tympan.ops import native
-from tympan.ops.weights import fingerprint
+from tympan.ops.weights import DerivedCache, fingerprint
 
 __all__ = ["linear", "available", "openmp", "pack_weight", "block_table", "run_blocks", "BlockTable", "DSConvStack",
            "dsconv_stack", "run_dsconv", "int8_available", "quantize_pointwise", "quantize_u8_rows", "pointwise_u8"]
@@ -726,7 +726,7 @@ _LIBRARY = native.NativeLibrary(
     switch="TYMPAN_SMALL_GEMM",
     optional_flags=("-fopenmp",),
 )
-_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, tuple[Tensor, Tensor | None]]] = weakref.WeakKeyDictionary()
+_packed: DerivedCache[tuple[Tensor, Tensor | None]] = DerivedCache()  # per nn.Linear: its packed weight, padded bias
 
 
 def available() -> bool:
@@ -762,15 +762,8 @@ def _packed_linear(module: nn.Linear) -> tuple[Tensor, Tensor | None]:
             return pack_weight(weight), None
         return pack_weight(weight), torch.cat([bias.detach(), bias.new_zeros(padded - bias.shape[0])]).contiguous()
 
-    tensors = (weight,) if bias is None else (weight, bias)
-    key = fingerprint(tensors)
-    if key is None:
-        return build()
-    key = (key, tuple(weight.shape))
-    entry = _packed.get(module)
-    if entry is None or entry[0] != key:
-        entry = _packed[module] = (key, build())
-    return entry[1]
+    cached = _packed.get(module, (weight,) if bias is None else (weight, bias), build)
+    return build() if cached is None else cached
 
 
 def _packed_weight(module: nn.Linear) -> Tensor:
