@@ -39,8 +39,7 @@ class Mlp(nn.Module):
         if type(self.act) is nn.GELU and self.act.approximate == "none" and not self.training:
             hidden = dense.linear(self.fc1, x, gelu=True)  # inference on prepacked weights, the GELU fused
             if hidden is not None:
-                out = dense.linear(self.fc2, hidden)
-                return self.fc2(hidden) if out is None else out
+                return dense.apply(self.fc2, hidden)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -65,8 +64,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         if memory is None:
-            qkv = dense.linear(self.qkv, x)  # inference on a prepacked weight (None: the module)
-            qkv = self.qkv(x) if qkv is None else qkv
+            qkv = dense.apply(self.qkv, x)  # in inference on a prepacked weight
             q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         else:
             w_q, w_kv = self.qkv.weight.split([d, 2 * d])
@@ -77,9 +75,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
         )
-        mixed = out.transpose(1, 2).reshape(b, n, d)
-        projected = dense.linear(self.proj, mixed)
-        return self.proj_drop(self.proj(mixed) if projected is None else projected)
+        return self.proj_drop(dense.apply(self.proj, out.transpose(1, 2).reshape(b, n, d)))
 
 
 class DropPath(nn.Module):

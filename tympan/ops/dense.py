@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tympan.ops import native
 from tympan.ops.weights import DerivedCache
 
-__all__ = ["available", "linear"]
+__all__ = ["apply", "available", "linear"]
 
 ENABLED = os.environ.get("TYMPAN_DENSE", "1") != "0"
 MIN_ROWS = 64  # below, F.linear (or small_gemm) is as fast and nothing is worth a packed copy
@@ -71,3 +71,9 @@ def linear(module: nn.Module, x: Tensor, gelu: bool = False) -> Tensor | None:
         return None
     bias = module.bias.detach() if module.bias is not None else None
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+def apply(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``, through :func:`linear` where it applies."""
+    out = linear(module, x)
+    return module(x) if out is None else out
