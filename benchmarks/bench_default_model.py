@@ -101,8 +101,9 @@ def agreement(model: Any, heldout: dict[str, np.ndarray]) -> dict[str, Any]:
 @torch.no_grad()
 def teacher_ceiling(yamnet: Any, heldout: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """The same agreement for the teacher itself against its stored labels: run again on the stored (float16)
-    patches, and on those patches shifted by one 10 ms frame. What a student that were the teacher would score: the
-    metric's ceiling under perturbations no listener would notice."""
+    patches, and on those patches shifted one 10 ms frame later (a roll: the frame before a patch is not stored, so
+    its last frame wraps to the front). What a student that were the teacher would score: the metric's ceiling
+    under perturbations no listener would notice."""
     from tympan.data.corpus import teacher_agreement
 
     patches = heldout["patches"].astype(np.float32)[:, None]
