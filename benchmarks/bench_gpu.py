@@ -12,8 +12,8 @@ inference at batch 64.
 
 Random weights (``torch.manual_seed(0)``), ``--seconds`` of noise per clip through each model's own frontend (on the
 CPU, then moved: the frontends are the CPU ones), CUDA synchronised around every timed call, best of ``--repeats``
-after ``--warmup`` untimed calls. Prints a table and one JSON line per row. Runs on the CPU too (``--device cpu``,
-with small sizes), which is how it is checked without a GPU.
+after ``--warmup`` untimed calls, float32 and bf16 alternated (:func:`benchmarks.timing.alternated_ms`). Prints one
+JSON line per row. Runs on the CPU too (``--device cpu``, with small sizes), which is how it is checked without a GPU.
 
     python -m benchmarks.bench_gpu [--device cuda] [--models ast-base384 dasheng-base dass-small]
         [--train-batch 16] [--infer-batch 64] [--seconds 10] [--repeats 5]
@@ -23,34 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Callable
 
 import torch
 
 import tympan
 from benchmarks.bench_scan import CASES, make_inputs
+from benchmarks.timing import alternated_ms
 from tympan.ops import selective_scan
 from tympan.ops.selective_scan import cuda_kernel_available
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Fastest of ``repeats`` timed calls after ``warmup`` untimed ones (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) * 1e3)
-    return best
+def best_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Fastest of ``repeats`` alternated timed calls of each function after ``warmup`` untimed ones (synchronised on
+    CUDA)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return alternated_ms(fns, repeats, warmup, reduce=min, sync=sync)
 
 
 def scan_rows(device: torch.device, repeats: int, warmup: int) -> list[dict]:
@@ -68,7 +56,7 @@ def scan_rows(device: torch.device, repeats: int, warmup: int) -> list[dict]:
                 if backward:
                     y.square().sum().backward()
 
-        times = {b: best_ms(lambda b=b: run(b), device, repeats, warmup) for b in backends}
+        times = best_ms({b: lambda b=b: run(b) for b in backends}, device, repeats, warmup)
         row = {"bench": "gpu_scan", "case": case.name, "pass": "forward+backward" if backward else "forward",
                "device": str(device), **{f"{b}_ms": round(t, 3) for b, t in times.items()}}
         if "cuda" in times:
@@ -105,8 +93,8 @@ def train_row(name: str, device: torch.device, batch: int, seconds: float, repea
         loss.backward()
         optimizer.step()
 
-    fp32 = best_ms(lambda: step(False), device, repeats, warmup)
-    bf16 = best_ms(lambda: step(True), device, repeats, warmup)
+    times = best_ms({"fp32": lambda: step(False), "bf16": lambda: step(True)}, device, repeats, warmup)
+    fp32, bf16 = times["fp32"], times["bf16"]
     return {"bench": "gpu_train_step", "model": name, "device": str(device), "batch": batch, "seconds": seconds,
             "fp32_ms": round(fp32, 2), "bf16_ms": round(bf16, 2), "fp32_samples_per_s": round(batch / fp32 * 1e3, 1),
             "bf16_samples_per_s": round(batch / bf16 * 1e3, 1), "bf16_vs_fp32": round(fp32 / bf16, 2)}
@@ -122,8 +110,8 @@ def infer_row(name: str, device: torch.device, batch: int, seconds: float, repea
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(features)
 
-    fp32 = best_ms(lambda: forward(False), device, repeats, warmup)
-    bf16 = best_ms(lambda: forward(True), device, repeats, warmup)
+    times = best_ms({"fp32": lambda: forward(False), "bf16": lambda: forward(True)}, device, repeats, warmup)
+    fp32, bf16 = times["fp32"], times["bf16"]
     half, full = forward(True).float(), forward(False).float()
     if model.num_classes:  # the largest probability change
         drift = (torch.sigmoid(half) - torch.sigmoid(full)).abs().max().item()

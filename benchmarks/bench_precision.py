@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 import tympan
+from benchmarks.timing import alternated_ms
 from benchmarks.peak import count_flops, load_average, matmul_peak, share_of_peak
 from tympan.eval.metrics import average_precision
 from tympan.inference.precision import PRECISIONS, with_precision
@@ -61,16 +60,8 @@ def hf_ast() -> torch.nn.Module | None:
 
 def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median ms of each function, run alternately (load drift hits all alike), one warm-up call each."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return alternated_ms(fns, repeats)
 
 
 def speed(model_id: str, models: dict[str, torch.nn.Module], peaks: dict[str, float], repeats: int) -> dict:

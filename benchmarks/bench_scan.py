@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
+from benchmarks.timing import alternated_ms
 from tympan.ops import chunked_scan, fused_scan, selective_scan, selective_scan_reference
 
 
@@ -105,27 +105,20 @@ def reference(u, delta, A, B, C, D, delta_bias):
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
 
 
-def run_once(fn, inputs: dict, backward: bool) -> float:
+def run_once(fn, inputs: dict, backward: bool) -> None:
     for t in inputs.values():
         t.grad = None
-    start = time.perf_counter()
     if backward:
         fn(**inputs).square().sum().backward()
     else:
         with torch.no_grad():
             fn(**inputs)
-    return (time.perf_counter() - start) * 1e3
 
 
 def time_interleaved(fns: dict, inputs: dict, backward: bool, repeat: int) -> dict:
     """Best-of-``repeat`` ms per function, alternating between them so load drift hits all alike."""
-    best = {name: float("inf") for name in fns}
-    for name, fn in fns.items():  # warm-up
-        run_once(fn, inputs, backward)
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            best[name] = min(best[name], run_once(fn, inputs, backward))
-    return best
+    return alternated_ms({name: lambda fn=fn: run_once(fn, inputs, backward) for name, fn in fns.items()}, repeat,
+                         reduce=min)
 
 
 def main() -> None:
@@ -161,7 +154,8 @@ def main() -> None:
             if have_mambapy:
                 row["max_abs_diff_vs_mambapy"] = float((y - y_ref).abs().max())
             if not args.skip_reference and not case.backward:  # autograd through the loop: ~10x mambapy
-                row["reference_ms"] = run_once(reference, inputs, case.backward)
+                once = alternated_ms({"ref": lambda: run_once(reference, inputs, False)}, 1, warmup=0)  # slow: once
+                row["reference_ms"] = once["ref"]
             others = [row[k] for k in ("mambapy_ms", "reference_ms") if k in row]
             if others:
                 row["speedup_vs_best_other"] = min(others) / row["tympan_ms"]

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -29,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import tympan  # noqa: E402
+from benchmarks.timing import alternated_ms  # noqa: E402
 from benchmarks.peak import count_flops, load_average, matmul_peak  # noqa: E402
 
 
@@ -51,16 +50,7 @@ class Result:
 def time_ms(*fns: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Median wall time in ms of each of ``fns``, run alternately (fair on a busy machine), in inference mode."""
     with torch.inference_mode():
-        for fn in fns:
-            for _ in range(warmup):
-                fn()
-        times: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeats):
-            for fn, bucket in zip(fns, times):
-                start = time.perf_counter()
-                fn()
-                bucket.append((time.perf_counter() - start) * 1000)
-    return [statistics.median(t) for t in times]
+        return list(alternated_ms(dict(zip(map(str, range(len(fns))), fns)), repeats, warmup).values())
 
 
 # ----------------------------------------------------------------------------------------------------------
