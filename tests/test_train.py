@@ -225,6 +225,29 @@ def test_scores_embedding_loss_terms():
     assert abs(tempered[1] - tempered[2]) > 5 * abs(plain[1] - plain[2])
     assert logit[1] < 0 < logit[2] and abs(logit[1] - logit[2]) > 10 * abs(plain[1] - plain[2])
     assert logit[3] == plain[3]  # below the floor on both sides: the logit term adds nothing
+
+
+def test_positionwise_cosine_matches_each_position_and_skips_silent_ones():
+    """The per-position hint: 1 where the maps point the same way at every position (whatever each position's
+    scale), the plain mean of per-position cosines otherwise, positions where the teacher is all zero left out."""
+    from tympan.train.objectives import positionwise_cosine
+
+    torch.manual_seed(0)
+    teacher = torch.rand(4, 16, 3, 2)
+    scale = torch.rand(4, 1, 3, 2) + 0.1
+    assert positionwise_cosine(teacher * scale, teacher).item() == pytest.approx(1.0, abs=1e-6)
+    student = torch.randn(4, 16, 3, 2)
+    per_position = torch.nn.functional.cosine_similarity(student, teacher, dim=1)
+    assert positionwise_cosine(student, teacher).item() == pytest.approx(per_position.mean().item(), rel=1e-6)
+    silent = teacher.clone()
+    silent[:, :, 0, :] = 0  # the first time step of every patch silent: 4 of 6 positions count
+    assert positionwise_cosine(student, silent).item() == pytest.approx(per_position[:, 1:].mean().item(), rel=1e-6)
+    assert positionwise_cosine(student, torch.zeros_like(teacher)).item() == 1.0
+    grad = student.clone().requires_grad_(True)
+    positionwise_cosine(grad, silent).backward()
+    assert grad.grad[:, :, 0].abs().max() == 0 and grad.grad[:, :, 1:].abs().max() > 0
+    with pytest.raises(ValueError, match="shape"):
+        positionwise_cosine(student, teacher[:, :8])
 # ------------------------------------------------------------------------------------------ training runs
 def test_training_runs_and_evaluation_matches_metrics(tmp_path, data_dir):
     trainer, summary = run(data_dir, tmp_path / "run", **{"train.average_last": 2, "train.ema": 0.9})

@@ -412,6 +412,20 @@ def test_train_mode_runs_the_modules(long_features):
     assert not torch.equal(before, model.stem_bn.running_mean) and model.stem_bn.weight.grad is not None
 
 
+@torch.no_grad()
+def test_feature_map_pools_to_the_backbone(long_features):
+    """``feature_map`` is the last block's map before pooling (what per-position distillation reads): its mean is
+    the training path's pooled features exactly and the folded eval path's closely; ``[P, 512, 3, 2]`` per patch."""
+    torch.manual_seed(0)
+    model = _random_batchnorms(create_model("tymnet-s")).eval()
+    patches = model.patches(long_features[:1, :300])[0]
+    maps = model.feature_map(patches)
+    assert maps.shape == (len(patches), 512, 3, 2)
+    torch.testing.assert_close(maps.mean((-2, -1)), model.backbone(patches), atol=1e-4, rtol=1e-4)  # folded
+    model.train()
+    torch.testing.assert_close(model.feature_map(patches).mean((-2, -1)), model.backbone(patches), atol=0, rtol=0)
+
+
 def test_frontend_magnitude_under_autograd(dog):
     """With a waveform that requires grad the frontend keeps complex abs (finite gradients through silence)."""
     x = torch.from_numpy(dog[:9000].copy())[None].requires_grad_()
@@ -533,11 +547,12 @@ def test_widened_student_computes_what_it_was_widened_from(long_features):
         widen(small.state_dict(), 256)
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["stored-labels", "online-teacher"])
+@pytest.mark.parametrize("online", [False, True, "maps"], ids=["stored-labels", "online-teacher", "teacher-maps"])
 def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher, shared_dir, online):
     """The recipe's trainer on real teacher targets (a dog clip and its reversed copy): 8 steps in one go equal
     4 steps, a stop, and a resume; the exported weights load through the SHA-256-checked loader. With the online
-    teacher (function matching) the batches are mixed patches that the teacher labels as the student sees them."""
+    teacher (function matching) the batches are mixed patches that the teacher labels as the student sees them;
+    with ``train.map_weight`` also its last map per patch (the embedding target is then that map's mean)."""
     from tympan.data import corpus as C
 
     parts = [C.label_waveform(w, yamnet_teacher, 10) for w in (dog, dog[::-1].copy())]
@@ -550,21 +565,33 @@ def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher, shared_dir,
     common = [str(recipe), "--set", f"corpus.shards={tmp_path / 'shards'}", "--set", "train.steps=8", "--set",
               "train.batch_size=4", "--set", "train.warmup_steps=2", "--set", "train.eval_every=4", "--set",
               "model.overrides={channels: [8, 8, 16, 16, 16, 16, 16], strides: [2, 1, 2, 1, 2, 1]}"]  # fmt: skip
-    if online:
-        teacher = shared_dir / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip"
-        common += ["--set", f"corpus.teacher={teacher}", "--set", "train.online_teacher={mix_prob: 1.0}"]
+    teacher = shared_dir / "teachers" / "yamnet" / "YamNet_w8a8.onnx.zip"
     train = _train_script()
+    if not online:
+        with pytest.raises(SystemExit, match="online_teacher"):  # the stored shards hold no maps
+            train.main([*common, "--set", f"train.out={tmp_path / 'x'}", "--set", "train.map_weight=1.0"])
     if online:
+        common += ["--set", f"corpus.teacher={teacher}", "--set", "train.online_teacher={mix_prob: 1.0}"]
+        if online == "maps":
+            common += ["--set", "train.map_weight=1.0"]
         data = C.load_shards(tmp_path / "shards", "train")
-        batches = train.Batches(data, torch.ones(20, dtype=torch.float64), 0, 6, {"mix_prob": 1.0}, str(teacher))
-        x, scores, embeddings = batches.get(3)
+        batches = train.Batches(data, torch.ones(20, dtype=torch.float64), 0, 6, {"mix_prob": 1.0}, str(teacher),
+                                maps=online == "maps")  # fmt: skip
+        x, scores, embeddings, maps = batches.get(3)
         assert torch.equal(batches.get(4)[0], batches(4)[0])  # the prefetched batch is the batch of that step
         stored = torch.from_numpy(data["patches"]).float()
         changed = [bool((stored - row).abs().amax((1, 2)).min() > 0.1) for row in x]
         assert sum(changed) >= len(x) // 2, changed  # mixed, scaled, tilted (a silent pair stays silent)
         expected_scores, expected_embeddings = yamnet_teacher.run(x[:, None].numpy())
         np.testing.assert_allclose(scores.numpy(), expected_scores, atol=1e-6)
-        np.testing.assert_allclose(embeddings.numpy(), expected_embeddings, atol=1e-5)
+        if online == "maps":
+            assert maps.shape == (6, 1024, 3, 2)
+            torch.testing.assert_close(embeddings, maps.mean((-2, -1)))
+            cosine = torch.nn.functional.cosine_similarity(embeddings, torch.from_numpy(expected_embeddings))
+            assert cosine.min() > 0.999  # the graph's pooled vector, before its re-quantisation
+        else:
+            assert maps is None
+            np.testing.assert_allclose(embeddings.numpy(), expected_embeddings, atol=1e-5)
     assert train.main([*common, "--set", f"train.out={tmp_path / 'a'}"]) == 0
     assert train.main([*common, "--set", f"train.out={tmp_path / 'b'}", "--stop-at", "4"]) == 0
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 4

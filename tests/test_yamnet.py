@@ -96,3 +96,25 @@ def test_errors_are_one_line(yamnet, tmp_path):
         yamnet.frames(np.full(16000, np.nan, np.float32))
     with pytest.raises(FileNotFoundError, match="not found"):
         extract_model(tmp_path / "missing.onnx.zip")
+
+
+def test_last_map_is_exposed_and_pools_to_the_embedding(yamnet, clips, tmp_path):
+    """With ``embedding_output=FEATURE_MAP_TENSOR`` the teacher gives its last map ``[1024, 3, 2]`` per patch (the
+    per-position distillation target): the same scores, and the map's mean is the embedding up to the graph's
+    re-quantisation of the pooled vector."""
+    from tympan.teachers.yamnet import FEATURE_MAP_SHAPE, FEATURE_MAP_TENSOR
+
+    zipped = yamnet.path
+    mapped = YAMNet(zipped, num_threads=1, batch_size=4, embedding_output=FEATURE_MAP_TENSOR)
+    assert mapped.embedding_size == 1024 * 3 * 2
+    patches = np.concatenate([log_mel_patches(w) for w in clips.values()])
+    scores, embeddings = yamnet.run(patches)
+    map_scores, maps = mapped.run(patches)
+    np.testing.assert_array_equal(map_scores, scores)
+    maps = maps.reshape(-1, *FEATURE_MAP_SHAPE)
+    assert (maps >= 0).all() and maps.std(axis=(-2, -1)).mean() > 0.01  # ReLU outputs that differ by position
+    pooled = maps.mean((-2, -1))
+    cosine = (pooled * embeddings).sum(1) / np.linalg.norm(pooled, axis=1) / np.linalg.norm(embeddings, axis=1)
+    assert cosine.min() > 0.999
+    with pytest.raises(ValueError, match="embedding_output"):
+        YAMNet(zipped, embedding_output="/model/layer3/missing")

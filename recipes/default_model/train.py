@@ -15,6 +15,11 @@ teacher (YAMNet ONNX, ``corpus.teacher``) labels it exactly as the student sees 
 targets at every step instead of being memorised. The batch for step ``s + 1`` (draws and teacher) is prepared in
 a background thread while step ``s`` trains; it depends on ``(seed, s + 1)`` only, so resuming stays bit-exact.
 ``train.init`` warm-starts the model (and its EMA) from a safetensors file, e.g. an earlier export.
+
+Per-position hints (``train.map_weight`` > 0, online teacher only): the teacher also gives its last map before
+pooling (``[1024, 3, 2]``, :data:`tympan.teachers.yamnet.FEATURE_MAP_TENSOR`; its mean is then the embedding
+target), and the student's projection, applied at each position of its own last map, is pulled towards it
+(:func:`tympan.train.objectives.positionwise_cosine`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import yaml
 from tympan.data import corpus as C
 from tympan.models import create_model
 from tympan.train.checkpointing import atomic_save
-from tympan.train.objectives import scores_embedding_loss
+from tympan.train.objectives import positionwise_cosine, scores_embedding_loss
 
 
 FRONTEND = ("YAMNet log-mel: 16 kHz, 25 ms periodic Hann, 10 ms hop, 512-point FFT magnitude, 64 HTK mel bands "
@@ -74,12 +79,14 @@ def batch_indices(weights: torch.Tensor, step: int, seed: int, size: int) -> tor
 
 
 class Batches:
-    """Batch ``step`` of the run as (student input ``[B, 96, 64]`` float32, teacher scores, teacher embeddings):
-    stored patches and labels, or with ``online`` (``train.online_teacher``) augmented patches labelled by the
-    teacher on the spot. A pure function of ``(seed, step)``; :meth:`prefetch` computes the next one in a thread."""
+    """Batch ``step`` of the run as (student input ``[B, 96, 64]`` float32, teacher scores, teacher embeddings,
+    teacher maps ``[B, 1024, 3, 2]`` or None): stored patches and labels, or with ``online``
+    (``train.online_teacher``) augmented patches labelled by the teacher on the spot (with ``maps``, its last map
+    too, and the embedding is that map's mean). A pure function of ``(seed, step)``; :meth:`get` prepares the next
+    one in a thread."""
 
     def __init__(self, train: dict[str, np.ndarray], weights: torch.Tensor, seed: int, size: int,
-                 online: dict[str, Any] | None, teacher_path: str | None) -> None:  # fmt: skip
+                 online: dict[str, Any] | None, teacher_path: str | None, maps: bool = False) -> None:  # fmt: skip
         self.patches = torch.from_numpy(train["patches"])  # float16 [N, 96, 64]
         self.scores = torch.from_numpy(train["scores"])
         self.embeddings = torch.from_numpy(train["embeddings"])
@@ -87,27 +94,36 @@ class Batches:
         self.mix = self.teacher = None
         if online:
             from tympan.data.augment import LogMelMix
-            from tympan.teachers.yamnet import YAMNet
+            from tympan.teachers.yamnet import EMBEDDING_TENSOR, FEATURE_MAP_TENSOR, YAMNet
 
             self.mix = LogMelMix(online.get("mix_prob", 0.5), tuple(online.get("snr_db", (-5.0, 15.0))),
                                  tuple(online.get("gain_db", (-20.0, 6.0))), online.get("tilt_db", 6.0))  # fmt: skip
-            self.teacher = YAMNet(teacher_path, num_threads=online.get("threads", 1), batch_size=self.size)
+            self.teacher = YAMNet(teacher_path, num_threads=online.get("threads", 1), batch_size=self.size,
+                                  embedding_output=FEATURE_MAP_TENSOR if maps else EMBEDDING_TENSOR)  # fmt: skip
+        elif maps:
+            raise SystemExit("train.map_weight needs train.online_teacher: the stored shards hold no teacher maps")
+        self.maps = maps
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool, self._pending = ThreadPoolExecutor(max_workers=1), None
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         index = batch_indices(self.weights, step, self.seed, self.size)
         x = self.patches[index].float()
         if self.teacher is None:
-            return x, self.scores[index], self.embeddings[index]
+            return x, self.scores[index], self.embeddings[index], None
         generator = torch.Generator().manual_seed((self.seed + 1) * 2_000_029 + step)
         partner = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         x = self.mix(x, self.patches[partner].float(), generator)
         scores, embeddings = self.teacher.run(x[:, None].numpy())
-        return x, torch.from_numpy(scores), torch.from_numpy(embeddings)
+        if self.maps:
+            from tympan.teachers.yamnet import FEATURE_MAP_SHAPE
 
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            maps = torch.from_numpy(embeddings).reshape(-1, *FEATURE_MAP_SHAPE)
+            return x, torch.from_numpy(scores), maps.mean((-2, -1)), maps
+        return x, torch.from_numpy(scores), torch.from_numpy(embeddings), None
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Batch ``step`` (the prefetched one when it is), and start preparing ``step + 1``."""
         pending, self._pending = self._pending, None
         batch = pending[1].result() if pending is not None and pending[0] == step else self(step)
@@ -198,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     train = C.load_shards(shards, "train")
     heldout = C.load_shards(shards, "heldout")
     weights = torch.from_numpy(C.group_weights(train["group"].astype(np.int64), cfg["group_power"]))
+    map_weight = float(cfg.get("map_weight", 0.0))
     batches = Batches(train, weights, cfg["seed"], cfg["batch_size"], cfg.get("online_teacher"),
-                      recipe["corpus"]["teacher"])  # fmt: skip
+                      recipe["corpus"]["teacher"], maps=map_weight > 0)  # fmt: skip
     log(f"train {len(train['patches'])} patches, held-out {len(heldout['patches'])}; step {step}/{cfg['steps']}"
         + (" (online teacher)" if batches.teacher is not None else ""))
 
@@ -212,13 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     metrics = (out / "metrics.jsonl").open("a")
     while step < cfg["steps"]:
         t0 = time.perf_counter()
-        x, scores, embeddings = batches.get(step)
+        x, scores, embeddings, teacher_maps = batches.get(step)
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg)
-        logits, _, projected = model.patch_outputs(x)
+        if teacher_maps is None:
+            logits, _, projected = model.patch_outputs(x)
+        else:  # the projection is linear: its mean over positions is the projection of the pooled features
+            feature_map = model.feature_map(x)
+            projected_map = model.projection(feature_map.permute(0, 2, 3, 1))  # [B, H, W, 1024]
+            logits, projected = model.head(feature_map.mean((-2, -1))), projected_map.mean((1, 2))
         loss, logs = scores_embedding_loss(logits, projected, scores, embeddings, cfg["embed_weight"],
                                            cfg.get("temperature", 1.0), cfg.get("logit_weight", 0.0),
                                            cfg.get("logit_floor", -8.0))  # fmt: skip
+        if teacher_maps is not None:
+            hint = positionwise_cosine(projected_map.permute(0, 3, 1, 2), teacher_maps)
+            loss = loss + map_weight * (1.0 - hint)
+            logs["map_cosine"], logs["loss"] = float(hint.detach()), float(loss.detach())
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()

@@ -465,10 +465,15 @@ class TymNet(AudioModel):
         """Patches ``[P, 96, 64]`` -> pooled features ``[P, channels[-1]]`` (eval mode: on folded weights)."""
         if self._folded_path():
             return self._backbone_folded(patches)
+        return self.feature_map(patches).mean((-2, -1))
+
+    def feature_map(self, patches: Tensor) -> Tensor:
+        """Patches ``[P, 96, 64]`` -> the last block's map ``[P, channels[-1], H, W]`` before pooling (unfolded
+        weights; what per-position distillation compares with the teacher's last map)."""
         # explicitly NHWC like the weights: with an ambiguous 1-channel layout oneDNN can fall back to a path that is
         # hundreds of times slower (seen under torch.inference_mode)
         x = F.relu(self.stem_bn(self.stem(patches[:, None].contiguous(memory_format=torch.channels_last))))
-        return self.blocks(x).mean((-2, -1))
+        return self.blocks(x)
 
     def patch_outputs(self, patches: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Patches ``[P, 96, 64]`` -> (logits ``[P, C]``, pooled features, projected teacher embedding or None)."""

@@ -35,6 +35,7 @@ from tympan.teachers.onnx import OnnxTeacher, require
 
 __all__ = [
     "EMBEDDING_TENSOR",
+    "FEATURE_MAP_TENSOR",
     "YAMNet",
     "log_mel_spectrogram",
     "log_mel_patches",
@@ -54,6 +55,10 @@ PATCH_HOP_SAMPLES = PATCH_HOP_FRAMES * HOP_SAMPLES  # 7680
 MIN_SAMPLES = (PATCH_FRAMES - 1) * HOP_SAMPLES + WINDOW_SAMPLES  # 15600 = 0.96 + 0.025 - 0.010 s
 EMBEDDING_TENSOR = "/model/Reshape_output_0_qdq"
 EMBEDDING_SIZE = 1024
+# the last pointwise block's ReLU map before the global average pool, ``[batch, 1024, 3, 2]`` (time x frequency):
+# per-position targets for distillation; its mean over the 6 positions is the embedding before re-quantisation
+FEATURE_MAP_TENSOR = "/model/layer14/pointwise_conv/relu/Relu_output_0_updated"
+FEATURE_MAP_SHAPE = (EMBEDDING_SIZE, 3, 2)
 CLASS_MAP_NAME = "yamnet_class_map.csv"
 
 
@@ -125,6 +130,9 @@ class YAMNet(OnnxTeacher):
         num_threads: onnxruntime threads.
         batch_size: patches per ``session.run`` call.
         class_map: ``yamnet_class_map.csv``; by default the one beside `model` (or beside the zip), if any.
+        embedding_output: the tensor :meth:`run` returns beside the scores: the 1024-d embedding, or
+            :data:`FEATURE_MAP_TENSOR` for the last map flattened to ``[n, 1024 * 3 * 2]`` (reshape it to
+            ``[n, *FEATURE_MAP_SHAPE]``).
     """
 
     embedding_size = EMBEDDING_SIZE
@@ -138,7 +146,11 @@ class YAMNet(OnnxTeacher):
         batch_size: int = 256,
         class_map: str | os.PathLike | LabelSet | None = None,
         cache: str | os.PathLike | None = None,
+        embedding_output: str = EMBEDDING_TENSOR,
     ) -> None:
+        if embedding_output not in (EMBEDDING_TENSOR, FEATURE_MAP_TENSOR):
+            raise ValueError(f"embedding_output must be {EMBEDDING_TENSOR!r} or {FEATURE_MAP_TENSOR!r}, "
+                             f"got {embedding_output!r}")  # fmt: skip
         if class_map is None and (Path(model).parent / CLASS_MAP_NAME).is_file():
             class_map = Path(model).parent / CLASS_MAP_NAME
         super().__init__(
@@ -146,15 +158,21 @@ class YAMNet(OnnxTeacher):
             sample_rate=SAMPLE_RATE,
             labels=class_map,
             activation="sigmoid",
-            embedding_output=EMBEDDING_TENSOR,
+            embedding_output=embedding_output,
             num_threads=num_threads,
             batch_size=batch_size,
             cache=cache,
         )
+        self.embedding_size = EMBEDDING_SIZE if embedding_output == EMBEDDING_TENSOR else int(np.prod(FEATURE_MAP_SHAPE))
 
     def prepare_graph(self, model: Any) -> None:
-        """The classifier's ``Reshape`` target ``[1, -1]`` becomes ``[-1, 1024]`` so the batch can vary."""
+        """The classifier's ``Reshape`` target ``[1, -1]`` becomes ``[-1, 1024]`` so the batch can vary; an exposed
+        last map is declared with its own 4-d shape."""
         onnx = require("onnx")
+        for output in model.graph.output:
+            if output.name == FEATURE_MAP_TENSOR:
+                output.CopyFrom(onnx.helper.make_tensor_value_info(FEATURE_MAP_TENSOR, onnx.TensorProto.FLOAT,
+                                                                   ["batch", *FEATURE_MAP_SHAPE]))  # fmt: skip
         reshapes = [node for node in model.graph.node if node.op_type == "Reshape"]
         if len(reshapes) != 1:
             raise ValueError(f"expected YAMNet's single Reshape node, found {len(reshapes)}: not the YAMNet graph?")

@@ -48,6 +48,7 @@ __all__ = [
     "label_loss",
     "label_mapping",
     "precompute_teacher_outputs",
+    "positionwise_cosine",
     "scores_embedding_loss",
     "to_logits",
 ]
@@ -359,3 +360,19 @@ def scores_embedding_loss(logits: Tensor, projected: Tensor | None, teacher_prob
         logs["cosine"] = float(cosine.detach())
     logs["loss"] = float(loss.detach())
     return loss, logs
+
+
+def positionwise_cosine(student_map: Tensor, teacher_map: Tensor, min_norm: float = 1e-3) -> Tensor:
+    """Mean cosine between two maps ``[P, D, H, W]`` position by position (over D), a per-position hint.
+
+    A pooled embedding says what is in a 0.96 s patch; the teacher's last map before pooling also says *when* and
+    *in which band*, six times the targets per patch. Positions where the teacher's vector is (near) zero (its ReLU
+    silent everywhere) have no direction and are left out; with none left the result is 1 (nothing to match).
+    """
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(f"maps differ in shape: student {tuple(student_map.shape)}, teacher {tuple(teacher_map.shape)}")
+    cosine = F.cosine_similarity(student_map.float(), teacher_map.float(), dim=1)  # [P, H, W]
+    present = teacher_map.float().norm(dim=1) > min_norm
+    if not bool(present.any()):
+        return cosine.new_ones(())
+    return cosine[present].mean()
