@@ -4,6 +4,7 @@ held-out split by source file, group balancing, mixtures, shards and the synthet
 from __future__ import annotations
 
 import io
+import json
 import string
 from pathlib import Path
 
@@ -229,6 +230,47 @@ def test_shards_round_trip(tmp_path):
         np.testing.assert_array_equal(back[key], arrays[key])
     with pytest.raises(FileNotFoundError):
         C.load_shards(tmp_path, "heldout")
+
+
+def _builder():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "default_model" / "build_corpus.py"
+    spec = importlib.util.spec_from_file_location("default_model_build_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_builder_mixtures_resume_exactly_and_shards_hold_only_the_recipes_own(tmp_path, yamnet, data_dir):
+    """The corpus builder's mixtures (effect over bed, teacher-labelled): a run stopped after 3 of 6 and resumed
+    builds the same 6 mixtures, with the same labels, as a run that never stopped (each mixture draws from its own
+    generator); the shards hold this recipe's files and mixtures, not other entries of the shared label cache."""
+    import shutil
+
+    build = _builder()
+    clips = {"dog": "1-100032-A-0.flac", "rain": "1-17367-A-10.flac", "baby": "1-187207-A-20.flac",
+             "waves": "1-39901-A-11.flac"}  # fmt: skip
+    items = [(C.AudioItem(f"esc:{name}", "esc10", "-", "CC-BY-NC-3.0", str(data_dir / "esc10" / "audio" / f)), 4)
+             for name, f in clips.items()]  # fmt: skip
+    build.label_all(items, C.LabelCache(tmp_path / "whole"), yamnet, heldout=0.0, seed=0)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    cfg = {"seed": 0, "mixtures": {"count": 6, "patches": 2, "snr_db": [-5.0, 10.0]}}
+    whole = build.mix_all(items, C.LabelCache(tmp_path / "whole"), yamnet, cfg)
+    resumed_cache = C.LabelCache(tmp_path / "resumed")
+    first = build.mix_all(items, resumed_cache, yamnet, {**cfg, "mixtures": {**cfg["mixtures"], "count": 3}})
+    resumed = build.mix_all(items, resumed_cache, yamnet, cfg)
+    assert len(set(whole)) == 6 and first == whole[:3] and resumed == whole
+    assert build.mix_all(items, resumed_cache, None, cfg) == whole  # keys only (--stage shard), nothing labelled
+    for key in whole:
+        a, b = C.LabelCache(tmp_path / "whole").get(key)[1], resumed_cache.get(key)[1]
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    stray = C.AudioItem("mix:0:another recipe's", "mixture", "-", "mixture", "-")
+    resumed_cache.put(stray, resumed_cache.get(whole[0])[1], {"seconds": 1.92, "split": "train"})
+    build.write_all(items, resumed_cache, {**cfg, "shards": str(tmp_path / "shards")}, resumed)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert [m["key"] for m in manifest] == [item.key for item, _ in items] + whole
+    assert len(C.load_shards(tmp_path / "shards", "train")["patches"]) == 4 * 4 + 6 * 2
 
 
 # ------------------------------------------------------------------------------------------- synthesis

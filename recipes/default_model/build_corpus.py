@@ -160,10 +160,9 @@ def _labelled(cache: C.LabelCache, item: C.AudioItem, cap: int) -> bool:
     return len(arrays["index"]) >= min(cap, total)
 
 
-def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: YAMNet, cfg: dict[str, Any]) -> None:
-    """Effects (environmental groups) over beds (speech, music, ambience), training files only."""
-    spec = cfg["mixtures"]
-    rng = np.random.default_rng(cfg["seed"] + 1)
+def mixture_sources(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache) -> tuple[list[C.AudioItem], list[C.AudioItem]]:
+    """Labelled training files whose patches fall mostly in an environmental group (effects) or in speech, music or
+    nature and that last at least 2 s (beds), in the recipe's item order."""
     effects, beds = [], []
     for item, _ in items:
         if not cache.has(item.key):
@@ -176,7 +175,21 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
             effects.append(item)
         if group in BED_GROUPS and meta["seconds"] >= 2.0:
             beds.append(item)
+    return effects, beds
+
+
+def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: YAMNet | None,
+            cfg: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Effects over beds (training files only), labelled by the teacher; returns this recipe's mixture keys.
+
+    Mixture ``i`` draws everything from its own generator seeded by ``(seed + 1, i)``, so a run that stops and
+    resumes (mixtures already in the cache are skipped) builds exactly the mixtures an uninterrupted run would. With
+    ``teacher=None`` nothing is labelled: only the keys (for ``--stage shard``)."""
+    spec = cfg["mixtures"]
+    effects, beds = mixture_sources(items, cache)
     log(f"mixtures: {len(effects)} effects, {len(beds)} beds")
+    if not effects or not beds:
+        return []
     length = MIN_SAMPLES + (spec["patches"] - 1) * PATCH_HOP_SAMPLES
     decoded: dict[str, np.ndarray] = {}
 
@@ -187,12 +200,15 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
             decoded[item.key] = C.decode_bytes(item.read_bytes())
         return decoded[item.key]
 
+    keys = []
     for i in range(spec["count"]):
+        rng = np.random.default_rng([cfg["seed"] + 1, i])
         effect = effects[int(rng.integers(len(effects)))]
         bed = beds[int(rng.integers(len(beds)))]
         snr = float(rng.uniform(*spec["snr_db"]))
         key = f"mix:{i}:{effect.key}+{bed.key}"
-        if cache.has(key):
+        keys.append(key)
+        if teacher is None or cache.has(key):
             continue
         e, b = audio(effect), audio(bed)
         start = int(rng.integers(0, max(1, len(b) - length)))
@@ -206,10 +222,14 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
                   {"seconds": length / C.SAMPLE_RATE, "split": "train", "snr_db": snr})  # fmt: skip
         if i % 500 == 0:
             log(f"  mixture {i}/{spec['count']}")
+    return keys
 
 
-def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: dict[str, Any]) -> None:
-    keys = [item.key for item, _ in items] + [p for p in _mixture_keys(cache)]
+def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: dict[str, Any],
+              mixture_keys: list[str]) -> None:  # fmt: skip
+    """Shards, manifest and corpus table of this recipe's files and mixtures (other entries of a shared label cache,
+    e.g. another recipe's mixtures, are left out)."""
+    keys = [item.key for item, _ in items] + list(mixture_keys)
     per_split: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
     manifest, table = [], defaultdict(lambda: {"files": 0, "seconds": 0.0, "patches": 0, "licenses": Counter(),
                                                 "groups": Counter()})  # fmt: skip
@@ -254,16 +274,6 @@ def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: di
     log("\n" + text)
 
 
-def _mixture_keys(cache: C.LabelCache) -> list[str]:
-    keys = []
-    for path in sorted((cache.root / "labels").glob("*.npz")):
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-        if meta["source"] == "mixture":
-            keys.append(meta["key"])
-    return keys
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
@@ -275,10 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher = YAMNet(cfg["teacher"], num_threads=1, batch_size=64)
     if args.stage in ("all", "label"):
         label_all(items, cache, teacher, cfg["heldout_fraction"], cfg["seed"], cfg.get("label_first", []))
-    if args.stage in ("all", "mix"):
-        mix_all(items, cache, teacher, cfg)
+    mixture_keys = mix_all(items, cache, teacher if args.stage in ("all", "mix") else None, cfg)
     if args.stage in ("all", "shard"):
-        write_all(items, cache, cfg)
+        write_all(items, cache, cfg, mixture_keys)
     return 0
 
 
