@@ -1,8 +1,9 @@
 """Ship the default model into ``tympan/assets``: EMA weights (safetensors) + sidecar, NOTICE, corpus manifest.
 
-    python recipes/default_model/ship.py recipes/default_model.yaml [--bench bench.json]
+    python recipes/default_model/ship.py recipes/default_model.yaml [--set key=value ...] [--bench bench.json]
 
-Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json`` and ``corpus_table.md``, and an
+``--set`` overrides the recipe as ``train.py --set`` does (a continuation written as a recipe plus overrides ships
+with those overrides recorded). Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json`` and ``corpus_table.md``, and an
 optional ``benchmarks/bench_default_model.py --json`` result; writes ``tymnet-s.safetensors`` (float32),
 ``tymnet-s.json`` (tympan's sidecar: model id, config, labels with mids; under ``extra`` the SHA-256, frontend,
 lineage, training and evaluation figures), ``tymnet-s.corpus.csv.gz`` (every source file with package, version,
@@ -22,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "tympan" / "assets"
@@ -36,9 +36,14 @@ def _relative(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
+    parser.add_argument("--set", action="append", default=[], help="recipe override key.sub=value, as train.py's")
     parser.add_argument("--bench", default=None, help="JSON from benchmarks/bench_default_model.py")
     args = parser.parse_args(argv)
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train import FRONTEND, export, load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    recipe_text = " ".join([_relative(args.recipe), *(f"--set {item}" for item in args.set)])
     run = Path(recipe["train"]["out"])
     shards = Path(recipe["corpus"]["shards"])
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
@@ -47,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     model = create_model("tymnet-s", **recipe["model"].get("overrides", {}))
     model.load_state_dict(ckpt["ema"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train import FRONTEND, export
-
     weights = ASSETS / "tymnet-s.safetensors"
     info = {
         "frontend": FRONTEND,
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                    "teacher weights included; labels: AudioSet ontology (CC BY-SA 4.0)",
         "notice": "NOTICE.tymnet-s.md",
         "training": {"steps": int(ckpt["step"]), "minutes_one_thread": round(float(ckpt["seconds"]) / 60, 1),
-                     "batch_size": recipe["train"]["batch_size"], "recipe": _relative(args.recipe),
+                     "batch_size": recipe["train"]["batch_size"], "recipe": recipe_text,
                      "init": recipe["train"].get("init"), "online_teacher": recipe["train"].get("online_teacher"),
                      "heldout_agreement": metrics[-1] if metrics else None},
     }
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = f", warm-started from an earlier export of the same model, `{Path(init).name}`" if init else ""
     notice = f"""# NOTICE: tymnet-s (the default model)
 
-Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`{_relative(args.recipe)}`{warm}) and
+Weights: `tymnet-s.safetensors` (SHA-256 `{digest}`), trained by tympan (`{recipe_text}`{warm}) and
 released with it (BSD-3-Clause). Whether trained weights are a derivative work of their training audio is not
 settled; some of that audio is GPL-2+ or CC BY-SA, so every licence and file is listed here for users who must decide.
 

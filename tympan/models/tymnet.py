@@ -533,7 +533,7 @@ def _build(**config: Any) -> TymNet:
 
 WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "tymnet-s.safetensors"
 # SHA-256 of the shipped weights (package data); set when recipes/default_model/ship.py ships a new file
-SHIPPED_SHA256: str | None = "92c9044887b607a5a98ef7e353e0a588ce398c07c4a2aa56ccec4b48c74d7422"
+SHIPPED_SHA256: str | None = "bbb1a23ca4e307b91ba464b557817de83d3fcafe23b37b6b54e672787ceecaf8"
 
 
 def _shipped_weights() -> Weights | None:
