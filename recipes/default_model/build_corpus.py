@@ -92,8 +92,7 @@ def synth_items(spec: dict[str, Any], root: Path, rng: random.Random) -> list[C.
         for i, args in enumerate(C.sox_recipes(spec["sox_sounds"], seed=0)):
             wav = out / f"sox_{i:03d}.wav"
             if not wav.exists():
-                subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(wav), *args], check=True,
-                               capture_output=True)  # fmt: skip
+                subprocess.run(C.sox_command(args, wav), check=True, capture_output=True)
             items.append(C.AudioItem(f"synth:sox/{i}", "synth-sox", "14.4.2", "generated (sox)", str(wav)))
     return items
 

@@ -441,6 +441,14 @@ def general_midi_file(program: int, drums: bool = False, seed: int = 0, notes: i
     return header + b"MTrk" + len(track).to_bytes(4, "big") + bytes(track)
 
 
+def sox_command(args: list[str], path: str | os.PathLike, sample_rate: int = 16000) -> list[str]:
+    """The ``sox`` command line that renders recipe `args` (from :func:`sox_recipes`) to a 16-bit mono WAV at `path`.
+    ``-R`` (repeatable) seeds sox's noise generators and its dither with fixed values; without it every run writes
+    different samples (even a plain tone differs in its dither), so the corpus's labels and mixtures would change
+    from one build to the next."""
+    return ["sox", "-R", "-n", "-r", str(sample_rate), "-c", "1", "-b", "16", str(path), *args]
+
+
 def sox_recipes(count: int, seed: int = 0) -> list[list[str]]:
     """``sox -n out.wav <args>`` effect chains: tones, sweeps, beeps and coloured noises (a minor synthetic share)."""
     rng = np.random.default_rng(seed)
