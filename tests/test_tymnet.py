@@ -609,6 +609,10 @@ def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher, shared_dir,
     assert sidecar["model_id"] == "tymnet-s" and len(sidecar["labels"]["mids"]) == 521
     model = load_shipped(exported, sha256=sidecar["extra"]["sha256"])
     torch.testing.assert_close(model.head.weight, a["ema"]["head.weight"])
+    # the resumed run exports the same bytes: one SHA-256 for one set of weights
+    resumed = tmp_path / "b" / "tymnet-s.safetensors"
+    assert train.main([*common, "--set", f"train.out={tmp_path / 'b'}", "--export", str(resumed)]) == 0
+    assert resumed.read_bytes() == exported.read_bytes()
     # train.init warm-starts a new run (model and EMA) from an export: exported before any step, it is that export
     from safetensors.torch import load_file
 

@@ -332,7 +332,7 @@ def _restore_frontend(model: nn.Module, settings: Any) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights as safetensors plus a JSON sidecar that lets :func:`load` rebuild it."""
-    from safetensors.torch import save_file
+    from tympan.files import write_safetensors
 
     model_id = getattr(model, "tympan_id", None)
     if model_id is None:
@@ -342,7 +342,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         path = path.with_suffix(SAFETENSORS_SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp))
+    write_safetensors(path, state)
     meta: dict[str, Any] = {"model_id": model_id, "config": _jsonable(model.tympan_config)}
     labels = getattr(model, "labels", None)
     if isinstance(labels, LabelSet):

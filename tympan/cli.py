@@ -159,7 +159,7 @@ def _run_features(args: argparse.Namespace) -> int:
     from tympan.audio import AudioError, stream
     from tympan.errors import TympanError
     from tympan.features.streaming import stream_features
-    from tympan.files import atomic_write, unique_names
+    from tympan.files import atomic_write, unique_names, write_safetensors
 
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} exists and is not a folder")
@@ -187,10 +187,7 @@ def _run_features(args: argparse.Namespace) -> int:
         if args.format == "npy":
             atomic_write(target, lambda tmp, array=feats.numpy(): _write_npy(tmp, array))
         else:
-            from safetensors.torch import save_file
-
-            metadata = {"frontend": args.frontend, "source": str(path)}
-            atomic_write(target, lambda tmp: save_file({"features": feats}, tmp, metadata=metadata))
+            write_safetensors(target, {"features": feats}, {"frontend": args.frontend, "source": str(path)})
         written += 1
     for message in failed:
         print(f"skipped {message}", file=sys.stderr)

@@ -6,19 +6,26 @@ new file, never a torn one, and two writers never share a temporary file. The re
 ``open()`` would give (``0666 & ~umask``), not ``mkstemp``'s 0600. Temporary files of processes that died mid-write
 are removed by the next write to the same target. A failing write (disk full, permission denied) raises
 :class:`~tympan.errors.OutputError` with one line naming the file.
+
+:func:`write_safetensors` is the one way tympan writes safetensors files: atomically, and byte for byte the same for
+the same tensors and metadata (the safetensors library orders the metadata by a randomly seeded hash, so two
+exports of identical weights had different bytes and SHA-256s).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from tympan.errors import OutputError
 
-__all__ = ["atomic_write", "cache_root", "sweep_stale_temporaries", "unique_names"]
+__all__ = ["atomic_write", "cache_root", "canonical_safetensors", "sweep_stale_temporaries", "unique_names",
+           "write_safetensors"]
 
 _TMP = re.compile(r"\.tmp(\d+)(?:\.|$)")
 
@@ -124,3 +131,37 @@ def unique_names(paths: list[Path], suffix: str) -> list[str]:
     while len(set(out)) < len(out):  # a numbered name met an original one: number again
         out = [f"{i}-{name}" if out.count(name) > 1 else name for i, name in enumerate(out)]
     return out
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """A serialized safetensors file with its ``__metadata__`` entries in sorted order (the tensors' entries and data
+    are left as written: the library already orders those deterministically). Offsets are relative to the data, so
+    only the header is rewritten, padded with spaces to a multiple of 8 bytes as the format asks."""
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}  # fmt: skip
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + size:]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> Path:  # fmt: skip
+    """Write `tensors` (all torch tensors or all numpy arrays) and string `metadata` to `path` as safetensors,
+    atomically (:func:`atomic_write`) and deterministically (:func:`canonical_safetensors`)."""
+    import numpy as np
+
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save
+    else:
+        from safetensors.torch import save
+    blob = canonical_safetensors(save(dict(tensors), metadata=dict(metadata) if metadata is not None else None))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+
+    return atomic_write(path, write)
+

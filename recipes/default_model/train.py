@@ -154,10 +154,10 @@ def export(model: torch.nn.Module, path: Path, info: dict[str, Any]) -> str:
     mids, and under ``extra`` the SHA-256, frontend and training figures); returns the SHA-256."""
     import hashlib
 
-    from safetensors.torch import save_file
+    from tympan.files import write_safetensors
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "model_id": "tymnet-s"})
+    write_safetensors(path, state, {"format": "pt", "model_id": "tymnet-s"})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.tympan_config.items()}
     labels = model.labels

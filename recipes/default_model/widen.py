@@ -14,7 +14,9 @@ import argparse
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from tympan.files import write_safetensors
 
 
 def widen(state: dict[str, torch.Tensor], width: int, noise: float = 0.01, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    save_file(widen(load_file(args.source), args.width, args.noise, args.seed), args.out)
+    write_safetensors(args.out, widen(load_file(args.source), args.width, args.noise, args.seed))
     return 0
 
 

@@ -439,7 +439,7 @@ def save_embeddings(
     **tensors: Any,
 ) -> Path:
     """Write an embeddings file (format in the module docstring); extra `tensors` must have N rows too."""
-    from safetensors.numpy import save_file
+    from tympan.files import write_safetensors
 
     arrays = {"embeddings": np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))}
     arrays.update({name: np.ascontiguousarray(np.asarray(t)) for name, t in tensors.items()})
@@ -447,8 +447,7 @@ def save_embeddings(
     if arrays["embeddings"].ndim != 2 or len(keys) != n or any(a.shape[:1] != (n,) for a in arrays.values()):
         raise ValueError(f"embeddings must be [N, D] with N keys and N-row tensors (N = {n}, {len(keys)} keys)")
     metadata = {"format": EMBEDDINGS_FORMAT, "keys": json.dumps(list(map(str, keys))), "info": json.dumps(info or {})}
-    save_file(arrays, str(path), metadata=metadata)
-    return Path(path)
+    return write_safetensors(path, arrays, metadata)
 
 
 def load_embeddings(path: str | os.PathLike) -> EmbeddingFile:

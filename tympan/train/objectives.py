@@ -201,9 +201,8 @@ def precompute_teacher_outputs(teacher: Callable[[Tensor], Tensor], datafile: st
     """Run `teacher` (waveform -> logits) over every clip of `datafile` (cropped/padded from the start to
     `clip_seconds`) and store ``logits`` ``[N, C]`` with the clips' paths (and the teacher's label ids) in a
     safetensors file beside the datafile (:func:`teacher_outputs_path`)."""
-    from safetensors.torch import save_file
-
     from tympan.data import AudioDataset, collate_audio
+    from tympan.files import write_safetensors
 
     dataset = AudioDataset(datafile, None, clip_seconds=clip_seconds)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_audio)
@@ -213,8 +212,7 @@ def precompute_teacher_outputs(teacher: Callable[[Tensor], Tensor], datafile: st
                 "clip_seconds": json.dumps(clip_seconds)}  # fmt: skip
     if labels is not None:
         metadata["label_ids"] = json.dumps(list(labels.mids))
-    save_file({"logits": torch.cat(rows).contiguous()}, str(path), metadata=metadata)
-    return path
+    return write_safetensors(path, {"logits": torch.cat(rows).contiguous()}, metadata)
 
 
 class PrecomputedTeacher:
