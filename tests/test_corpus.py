@@ -248,7 +248,6 @@ def test_builder_mixtures_resume_exactly_and_shards_hold_only_the_recipes_own(tm
     """The corpus builder's mixtures (effect over bed, teacher-labelled): a run stopped after 3 of 6 and resumed
     builds the same 6 mixtures, with the same labels, as a run that never stopped (each mixture draws from its own
     generator); the shards hold this recipe's files and mixtures, not other entries of the shared label cache."""
-    import shutil
 
     build = _builder()
     clips = {"dog": "1-100032-A-0.flac", "rain": "1-17367-A-10.flac", "baby": "1-187207-A-20.flac",
@@ -334,3 +333,26 @@ def test_sox_renders_every_recipe_to_the_same_samples_each_time(tmp_path):
         assert first.read_bytes() == second.read_bytes(), args
         waveform = audio.load(first)
         assert waveform.ndim == 1 and len(waveform) > 1000 and np.abs(waveform).max() > 0.01
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=10), min_size=2, max_size=30, unique=True), st.data())
+def test_rendezvous_pick_changes_only_the_draws_of_an_item_that_leaves_or_joins(keys, data):
+    """Removing one item from the list (its label moved it out of the effects) changes exactly the draws it won;
+    every other draw keeps its item, wherever the removed one stood."""
+    gone = data.draw(st.sampled_from(keys))
+    rest = [k for k in keys if k != gone]
+    draws = [int(d) for d in np.random.default_rng(len(keys)).integers(2**63, size=300)]
+    before = [keys[C.rendezvous_pick(C.key_hashes(keys), d)] for d in draws]
+    after = [rest[C.rendezvous_pick(C.key_hashes(rest), d)] for d in draws]
+    assert all(a == b for a, b in zip(after, before) if b != gone)
+    assert gone not in after
+
+
+def test_rendezvous_pick_is_uniform_over_the_items():
+    keys = [f"effect-{i}" for i in range(8)]
+    hashes = C.key_hashes(keys)
+    draws = np.random.default_rng(0).integers(2**63, size=16000)
+    counts = np.bincount([C.rendezvous_pick(hashes, int(d)) for d in draws], minlength=8)
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 24.3, counts  # 7 degrees of freedom: p = 0.001

@@ -182,7 +182,9 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
     """Effects over beds (training files only), labelled by the teacher; returns this recipe's mixture keys.
 
     Mixture ``i`` draws everything from its own generator seeded by ``(seed + 1, i)``, so a run that stops and
-    resumes (mixtures already in the cache are skipped) builds exactly the mixtures an uninterrupted run would. With
+    resumes (mixtures already in the cache are skipped) builds exactly the mixtures an uninterrupted run would; its
+    effect and bed are rendezvous picks (:func:`tympan.data.corpus.rendezvous_pick`), so a file that joins or leaves
+    the effect or bed list (its teacher label moved) changes only the mixtures that file wins. With
     ``teacher=None`` nothing is labelled: only the keys (for ``--stage shard``)."""
     spec = cfg["mixtures"]
     effects, beds = mixture_sources(items, cache)
@@ -199,11 +201,12 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
             decoded[item.key] = C.decode_bytes(item.read_bytes())
         return decoded[item.key]
 
+    effect_hashes, bed_hashes = C.key_hashes([e.key for e in effects]), C.key_hashes([b.key for b in beds])
     keys = []
     for i in range(spec["count"]):
         rng = np.random.default_rng([cfg["seed"] + 1, i])
-        effect = effects[int(rng.integers(len(effects)))]
-        bed = beds[int(rng.integers(len(beds)))]
+        effect = effects[C.rendezvous_pick(effect_hashes, int(rng.integers(2**63)))]
+        bed = beds[C.rendezvous_pick(bed_hashes, int(rng.integers(2**63)))]
         snr = float(rng.uniform(*spec["snr_db"]))
         key = f"mix:{i}:{effect.key}+{bed.key}"
         keys.append(key)

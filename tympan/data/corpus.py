@@ -48,6 +48,7 @@ __all__ = [
     "fetch_package",
     "find_audio",
     "group_weights",
+    "key_hashes",
     "label_waveform",
     "license_for",
     "load_shards",
@@ -55,6 +56,7 @@ __all__ = [
     "parse_copyright",
     "patch_groups",
     "render_copyright",
+    "rendezvous_pick",
     "select_patches",
     "split_of",
     "teacher_agreement",
@@ -285,6 +287,30 @@ def split_of(key: str, heldout_fraction: float, seed: int = 0) -> str:
     """``"heldout"`` or ``"train"`` for a source file, from a hash of its key (stable across machines)."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction else "train"
+
+
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """A stable 64-bit hash of each key (``uint64 [len(keys)]``), for :func:`rendezvous_pick`."""
+    return np.array([int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") for k in keys], dtype=np.uint64)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 whose output bits each depend on every input bit."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def rendezvous_pick(hashes: np.ndarray, draw: int) -> int:
+    """Index of the item that wins draw `draw` (highest ``mix(hash ^ draw)``; ``hashes`` from :func:`key_hashes`).
+
+    Uniform over the items like ``rng.integers(len(items))``, but stable under changes to the list: adding or
+    removing one item changes only the draws that item wins (about 1/n of them), where an index into the list would
+    shift every later item and change most draws. The corpus builder picks each mixture's effect and bed this way,
+    so a file whose teacher label moves it in or out of the effect list does not redraw every mixture."""
+    return int(np.argmax(_mix64(hashes ^ np.uint64(draw))))
 
 
 # ------------------------------------------------------------------------------------------- labelling
