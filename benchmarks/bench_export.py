@@ -73,8 +73,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({"bench": "export", **row}, default=str), flush=True)
     print()
-    print(f"| model | kind | export s | lengths (samples) | max abs diff probabilities | max abs diff embedding/state "
-          f"(rel) | PyTorch ms | ORT ms | ORT/PyTorch speed | verified |")
+    print("| model | kind | export s | lengths (samples) | max abs diff probabilities | max abs diff embedding/state "
+          "(rel) | PyTorch ms | ORT ms | ORT/PyTorch speed | verified |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if not row["exported"]:

@@ -96,7 +96,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             rows += [dict(measure(model_id, path, chunk), threads=threads) for model_id, chunk in ids]
-    print(f"\n| model | weights | threads | chunk | chunks | latency median / p95 / max (ms) | compute per chunk (ms) | "
+    print("\n| model | weights | threads | chunk | chunks | latency median / p95 / max (ms) | compute per chunk (ms) | "
           "CPU (one core) | CPU per chunk (ms) | real-time factor |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

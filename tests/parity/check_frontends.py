@@ -6,8 +6,6 @@ fixture's meta.json (log-mel in dB: atol 1e-3).
 
 from __future__ import annotations
 
-import torch
-
 from tests.parity import Fixture, checks_for
 from tympan.features import ASTFbank, DashengMel, SSAMLogMel, kaldi_fbank, pad_or_crop
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field

@@ -225,7 +225,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, *block_starts = ctx.saved_tensors
         softplus, chunk_size, block_size = ctx.options
         scan = _Scan(u, delta, A, B, C, delta_bias, softplus, chunk_size, block_size, extra_step=True)
-        b, d, g, n, dg, length = scan.batch, scan.channels, scan.groups, scan.state, scan.per_group, scan.length
+        b, d, n, length = scan.batch, scan.channels, scan.state, scan.length
         grad_y = grad_y if grad_y is not None else torch.zeros_like(u)
         carry = grad_last.contiguous() if grad_last is not None else u.new_zeros(b, d, n)
         grads = dict(u=torch.empty_like(u), delta=torch.empty_like(delta), A=torch.zeros_like(A),
