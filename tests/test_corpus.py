@@ -274,6 +274,28 @@ def test_builder_mixtures_resume_exactly_and_shards_hold_only_the_recipes_own(tm
     assert len(C.load_shards(tmp_path / "shards", "train")["patches"]) == 4 * 4 + 6 * 2
 
 
+def test_builder_relabels_a_new_version_and_writes_the_recipes_licence(tmp_path, yamnet, data_dir):
+    """The label cache is keyed by file: a file whose package has a new version is labelled again (its audio may
+    have changed), and the manifest takes source, version and licence from the recipe as it is now, so a licence
+    corrected by hand reaches the shards' manifest without relabelling."""
+    build = _builder()
+    path = str(data_dir / "esc10" / "audio" / "1-100032-A-0.flac")
+    old = C.AudioItem("pkg:dog.flac", "pkg", "1.0-1", "GPL-2+", path)
+    cache = C.LabelCache(tmp_path / "cache")
+    build.label_all([(old, 4)], cache, yamnet, heldout=0.0, seed=0)
+    assert build._labelled(cache, old, 4)
+    newer = C.AudioItem(old.key, "pkg", "1.0-2", "GPL-2+", path)
+    relicensed = C.AudioItem(old.key, "pkg", "1.0-1", "CC-BY-SA-3.0 (checked by hand)", path)
+    assert not build._labelled(cache, newer, 4) and build._labelled(cache, relicensed, 4)
+    build.label_all([(newer, 4)], cache, yamnet, heldout=0.0, seed=0)
+    assert cache.get(old.key)[0]["version"] == "1.0-2" and build._labelled(cache, newer, 4)
+    relicensed = C.AudioItem(old.key, "pkg", "1.0-2", "CC-BY-SA-3.0 (checked by hand)", path)
+    build.write_all([(relicensed, 4)], cache, {"shards": str(tmp_path / "shards")}, [])
+    (row,) = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert (row["version"], row["license"]) == ("1.0-2", "CC-BY-SA-3.0 (checked by hand)")
+    assert "CC-BY-SA-3.0 (checked by hand)" in (tmp_path / "shards" / "corpus_table.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------- synthesis
 def _read_var_len(data: bytes, pos: int) -> tuple[int, int]:
     value = 0

@@ -150,10 +150,13 @@ def label_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher
 
 
 def _labelled(cache: C.LabelCache, item: C.AudioItem, cap: int) -> bool:
-    """In the cache with at least `cap` patches kept (or all of a shorter file): raising a cap relabels the file."""
+    """In the cache, from the same version of its source, with at least `cap` patches kept (or all of a shorter
+    file): a new package version or a raised cap relabels the file."""
     if not cache.has(item.key):
         return False
     meta, arrays = cache.get(item.key)
+    if meta.get("version") != item.version:
+        return False
     samples = max(round(meta["seconds"] * C.SAMPLE_RATE), MIN_SAMPLES)
     total = 1 + -(-(samples - MIN_SAMPLES) // PATCH_HOP_SAMPLES)  # patches in the whole file
     return len(arrays["index"]) >= min(cap, total)
@@ -230,8 +233,10 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
 def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: dict[str, Any],
               mixture_keys: list[str]) -> None:  # fmt: skip
     """Shards, manifest and corpus table of this recipe's files and mixtures (other entries of a shared label cache,
-    e.g. another recipe's mixtures, are left out)."""
+    e.g. another recipe's mixtures, are left out). A file's source, version and licence are the recipe's now, not
+    what the cache recorded when it was labelled (a licence corrected in the recipe reaches the manifest)."""
     keys = [item.key for item, _ in items] + list(mixture_keys)
+    current = {item.key: item for item, _ in items}
     per_split: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
     manifest, table = [], defaultdict(lambda: {"files": 0, "seconds": 0.0, "patches": 0, "licenses": Counter(),
                                                 "groups": Counter()})  # fmt: skip
@@ -240,6 +245,9 @@ def write_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, cfg: di
         if not cache.has(key):
             continue
         meta, arrays = cache.get(key)
+        if key in current:
+            item = current[key]
+            meta = {**meta, "source": item.source, "version": item.version, "license": item.license}
         split = meta["split"]
         fid = file_ids.setdefault(key, len(file_ids))
         groups = C.patch_groups(arrays["scores"])
