@@ -247,7 +247,8 @@ def _builder():
 def test_builder_mixtures_resume_exactly_and_shards_hold_only_the_recipes_own(tmp_path, yamnet, data_dir):
     """The corpus builder's mixtures (effect over bed, teacher-labelled): a run stopped after 3 of 6 and resumed
     builds the same 6 mixtures, with the same labels, as a run that never stopped (each mixture draws from its own
-    generator); the shards hold this recipe's files and mixtures, not other entries of the shared label cache."""
+    generator); the shards hold this recipe's files and mixtures, not other entries of the shared label cache; a new
+    version of one file remixes only the mixtures it is in."""
 
     build = _builder()
     clips = {"dog": "1-100032-A-0.flac", "rain": "1-17367-A-10.flac", "baby": "1-187207-A-20.flac",
@@ -272,6 +273,14 @@ def test_builder_mixtures_resume_exactly_and_shards_hold_only_the_recipes_own(tm
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert [m["key"] for m in manifest] == [item.key for item, _ in items] + whole
     assert len(C.load_shards(tmp_path / "shards", "train")["patches"]) == 4 * 4 + 6 * 2
+    # a new version of one file: its mixtures are mixed and labelled again, the others are left as they were
+    stamps = {key: resumed_cache.path(key).stat().st_mtime_ns for key in whole}
+    items = [(C.AudioItem(i.key, i.source, "2" if i.key == "esc:waves" else i.version, i.license, i.path), cap)
+             for i, cap in items]  # fmt: skip
+    build.label_all(items, resumed_cache, yamnet, heldout=0.0, seed=0)
+    assert build.mix_all(items, resumed_cache, yamnet, cfg) == whole
+    redone = {key for key in whole if resumed_cache.path(key).stat().st_mtime_ns != stamps[key]}
+    assert redone and redone == {key for key in whole if "esc:waves" in key}
 
 
 def test_builder_relabels_a_new_version_and_writes_the_recipes_licence(tmp_path, yamnet, data_dir):

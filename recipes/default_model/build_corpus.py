@@ -187,7 +187,8 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
     Mixture ``i`` draws everything from its own generator seeded by ``(seed + 1, i)``, so a run that stops and
     resumes (mixtures already in the cache are skipped) builds exactly the mixtures an uninterrupted run would; its
     effect and bed are rendezvous picks (:func:`tympan.data.corpus.rendezvous_pick`), so a file that joins or leaves
-    the effect or bed list (its teacher label moved) changes only the mixtures that file wins. With
+    the effect or bed list (its teacher label moved) changes only the mixtures that file wins. A mixture is mixed and
+    labelled again when either file's version changed. With
     ``teacher=None`` nothing is labelled: only the keys (for ``--stage shard``)."""
     spec = cfg["mixtures"]
     effects, beds = mixture_sources(items, cache)
@@ -213,8 +214,9 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
         snr = float(rng.uniform(*spec["snr_db"]))
         key = f"mix:{i}:{effect.key}+{bed.key}"
         keys.append(key)
-        if teacher is None or cache.has(key):
-            continue
+        versions = [effect.version, bed.version]
+        if teacher is None or (cache.has(key) and cache.get(key)[0].get("versions") == versions):
+            continue  # labelled already, from the same versions of its two files
         e, b = audio(effect), audio(bed)
         start = int(rng.integers(0, max(1, len(b) - length)))
         bed_cut = np.pad(b[start : start + length], (0, max(0, length - len(b[start : start + length]))))
@@ -224,7 +226,7 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
         item = C.AudioItem(key, "mixture", "-", f"mixture of {effect.key} [{effect.license}] and {bed.key} [{bed.license}]",
                            f"{effect.path} + {bed.path}")  # fmt: skip
         cache.put(item, C.label_waveform(mixed, teacher, spec["patches"]),
-                  {"seconds": length / C.SAMPLE_RATE, "split": "train", "snr_db": snr})  # fmt: skip
+                  {"seconds": length / C.SAMPLE_RATE, "split": "train", "snr_db": snr, "versions": versions})  # fmt: skip
         if i % 500 == 0:
             log(f"  mixture {i}/{spec['count']}")
     return keys
