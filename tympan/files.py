@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -133,35 +134,56 @@ def unique_names(paths: list[Path], suffix: str) -> list[str]:
     return out
 
 
+def _canonical_header(header: bytes) -> bytes:
+    """A safetensors JSON header with its ``__metadata__`` entries in sorted order, padded with spaces to a multiple
+    of 8 bytes as the format asks (the tensors' entries stay as written: the library orders those deterministically,
+    and their offsets are relative to the data, so the data is untouched)."""
+    parsed = json.loads(header)
+    if "__metadata__" in parsed:
+        parsed = {"__metadata__": dict(sorted(parsed["__metadata__"].items())),
+                  **{k: v for k, v in parsed.items() if k != "__metadata__"}}  # fmt: skip
+    text = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8)
+
+
 def canonical_safetensors(blob: bytes) -> bytes:
-    """A serialized safetensors file with its ``__metadata__`` entries in sorted order (the tensors' entries and data
-    are left as written: the library already orders those deterministically). Offsets are relative to the data, so
-    only the header is rewritten, padded with spaces to a multiple of 8 bytes as the format asks."""
+    """A serialized safetensors file (bytes) with its header made canonical (:func:`_canonical_header`)."""
     (size,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + size])
-    if "__metadata__" in header:
-        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
-                  **{k: v for k, v in header.items() if k != "__metadata__"}}  # fmt: skip
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + blob[8 + size:]
+    header = _canonical_header(blob[8 : 8 + size])
+    return struct.pack("<Q", len(header)) + header + blob[8 + size :]
+
+
+def _canonicalise_file(path: str) -> None:
+    """:func:`canonical_safetensors` on a file, in place: the header is rewritten where it stands when its length is
+    unchanged (the usual case: same entries, other order), else the data is streamed behind the new one."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = _canonical_header(f.read(size))
+        if len(header) == size:
+            f.seek(8)
+            f.write(header)
+            return
+    with open(path, "rb") as src, open(path + ".canonical", "wb") as dst:
+        dst.write(struct.pack("<Q", len(header)) + header)
+        src.seek(8 + size)
+        shutil.copyfileobj(src, dst, 1 << 24)
+    os.replace(path + ".canonical", path)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
                       metadata: Mapping[str, str] | None = None) -> Path:  # fmt: skip
     """Write `tensors` (all torch tensors or all numpy arrays) and string `metadata` to `path` as safetensors,
-    atomically (:func:`atomic_write`) and deterministically (:func:`canonical_safetensors`)."""
+    atomically (:func:`atomic_write`) and deterministically (:func:`canonical_safetensors`), streamed to disk as the
+    library writes it (no copy of the weights in memory)."""
     import numpy as np
 
-    if all(isinstance(t, np.ndarray) for t in tensors.values()):
-        from safetensors.numpy import save
+    if tensors and all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
     else:
-        from safetensors.torch import save
-    blob = canonical_safetensors(save(dict(tensors), metadata=dict(metadata) if metadata is not None else None))
+        from safetensors.torch import save_file
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(blob)
+        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        _canonicalise_file(tmp)
 
     return atomic_write(path, write)
-
