@@ -387,3 +387,42 @@ def test_rendezvous_pick_is_uniform_over_the_items():
     counts = np.bincount([C.rendezvous_pick(hashes, int(d)) for d in draws], minlength=8)
     chi2 = float(((counts - 2000) ** 2 / 2000).sum())
     assert chi2 < 24.3, counts  # 7 degrees of freedom: p = 0.001
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox is not installed (.ci/run installs it as root)")
+def test_builder_sox_items_name_their_tool_and_command(tmp_path):
+    """The builder's sox sounds: versioned with sox's own version and its repeatable mode (so a cache labelled from
+    the old random renders relabels them), named by a digest of their command (so an old render is not reused), and
+    not rendered again when present."""
+    build = _builder()
+    items = build.sox_items({"sox_sounds": 4}, tmp_path)
+    assert [i.key for i in items] == [f"synth:sox/{n}" for n in range(4)]
+    version = C.parse_tool_version(subprocess.run(["sox", "--version"], capture_output=True, text=True).stdout)
+    assert version != "unknown" and all(i.version == f"{version} -R" for i in items)
+    assert len({Path(i.path).name for i in items}) == 4 and all(Path(i.path).stem.count("_") == 2 for i in items)
+    stamps = [Path(i.path).stat().st_mtime_ns for i in items]
+    assert build.sox_items({"sox_sounds": 4}, tmp_path) == items
+    assert [Path(i.path).stat().st_mtime_ns for i in items] == stamps
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (.ci/run installs it as root)")
+def test_builder_espeak_resume_renders_a_missing_file_as_a_fresh_build_would(tmp_path):
+    """Speaking rates are drawn for every file whether or not it exists: a file removed from a finished build (an
+    interrupted one, a deleted one) is rendered again with its own rate, byte for byte as before."""
+    import random
+
+    build = _builder()
+    spec = {"espeak_languages": ["en", "de"]}
+    items = build.espeak_items(spec, tmp_path, random.Random(0))
+    before = {i.key: Path(i.path).read_bytes() for i in items}
+    for i in items[1:7:2]:
+        Path(i.path).unlink()
+    again = build.espeak_items(spec, tmp_path, random.Random(0))
+    assert again == items and {i.key: Path(i.path).read_bytes() for i in again} == before
+
+
+@pytest.mark.parametrize("text, expected", [("sox:      SoX v14.4.2", "14.4.2"), ("FluidSynth runtime version 2.3.1\n"
+    "Copyright (C) 2000-2022 Peter Hanappe", "2.3.1"), ("eSpeak NG text-to-speech: 1.51  Data at: /usr/lib/x86_64-linux"
+    "-gnu/espeak-ng-data", "1.51"), ("no version here", "unknown"), ("build 7", "unknown")])  # fmt: skip
+def test_parse_tool_version(text, expected):
+    assert C.parse_tool_version(text) == expected

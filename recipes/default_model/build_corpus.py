@@ -10,6 +10,7 @@ manifest (package, version, licence, split) and the corpus table. One onnxruntim
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
@@ -60,40 +61,70 @@ def shared_items(spec: dict[str, Any], rng: random.Random) -> list[C.AudioItem]:
 
 
 def synth_items(spec: dict[str, Any], root: Path, rng: random.Random) -> list[C.AudioItem]:
-    """Synthetic audio (minor share): General MIDI programs through fluidsynth, espeak-ng speech, sox sounds."""
+    """Synthetic audio (minor share): General MIDI programs through fluidsynth, espeak-ng speech, sox sounds, each
+    when its tool is installed. Each item's version names the tool that rendered it (for sox also its repeatable
+    mode), so a new tool, or sox files rendered before ``-R``, are labelled again."""
     out = root / "synth"
     out.mkdir(parents=True, exist_ok=True)
     items: list[C.AudioItem] = []
     if shutil.which("fluidsynth"):
-        sf_package = C.fetch_package(spec["soundfont_package"], root)
-        soundfont = next(sf_package.root.rglob("FluidR3_GM.sf2"))
-        for program in range(spec["midi_programs"] + 1):
-            drums = program == spec["midi_programs"]
-            midi, wav = out / f"gm_{program:03d}.mid", out / f"gm_{program:03d}.wav"
-            if not wav.exists():
-                midi.write_bytes(C.general_midi_file(program, drums=drums, seed=program))
-                subprocess.run(["fluidsynth", "-ni", "-g", "0.8", "-r", "16000", "-F", str(wav), str(soundfont),
-                                str(midi)], check=True, capture_output=True)  # fmt: skip
-            items.append(C.AudioItem(f"synth:gm/{program:03d}", "synth-fluidsynth", sf_package.version,
-                                     f"generated; soundfont {spec['soundfont_package']} ({sf_package.copyright.header_license or 'MIT'})",
-                                     str(wav)))  # fmt: skip
+        items += midi_items(spec, root, out)
     if shutil.which("espeak-ng"):
-        sentences = ["The quick brown fox jumps over the lazy dog.", "Please leave a message after the tone.",
-                     "One two three four five six seven eight nine ten.", "Where is the railway station?"]  # fmt: skip
-        for lang in spec["espeak_languages"]:
-            for i, text in enumerate(sentences):
-                wav = out / f"espeak_{lang}_{i}.wav"
-                if not wav.exists():
-                    subprocess.run(["espeak-ng", "-v", lang, "-s", str(rng.randint(130, 190)), "-w", str(wav), text],
-                                   check=True, capture_output=True)  # fmt: skip
-                items.append(C.AudioItem(f"synth:espeak/{lang}/{i}", "synth-espeak-ng", "1.51", "generated (espeak-ng)",
-                                         str(wav)))  # fmt: skip
+        items += espeak_items(spec, out, rng)
     if shutil.which("sox"):
-        for i, args in enumerate(C.sox_recipes(spec["sox_sounds"], seed=0)):
-            wav = out / f"sox_{i:03d}.wav"
+        items += sox_items(spec, out)
+    return items
+
+
+def midi_items(spec: dict[str, Any], root: Path, out: Path) -> list[C.AudioItem]:
+    """Every General MIDI program (and the drum kit) rendered by fluidsynth with the recipe's soundfont package."""
+    sf_package = C.fetch_package(spec["soundfont_package"], root)
+    version = f"{sf_package.version}; fluidsynth {C.tool_version('fluidsynth')}"
+    license_name = f"generated; soundfont {spec['soundfont_package']} ({sf_package.copyright.header_license or 'MIT'})"
+    soundfont = next(sf_package.root.rglob("FluidR3_GM.sf2"))
+    items = []
+    for program in range(spec["midi_programs"] + 1):
+        drums = program == spec["midi_programs"]
+        midi, wav = out / f"gm_{program:03d}.mid", out / f"gm_{program:03d}.wav"
+        if not wav.exists():
+            midi.write_bytes(C.general_midi_file(program, drums=drums, seed=program))
+            subprocess.run(["fluidsynth", "-ni", "-g", "0.8", "-r", "16000", "-F", str(wav), str(soundfont), str(midi)],
+                           check=True, capture_output=True)  # fmt: skip
+        items.append(C.AudioItem(f"synth:gm/{program:03d}", "synth-fluidsynth", version, license_name, str(wav)))
+    return items
+
+
+def espeak_items(spec: dict[str, Any], out: Path, rng: random.Random) -> list[C.AudioItem]:
+    """Four sentences in each of the recipe's espeak-ng languages, each at a speaking rate drawn from `rng`. The
+    rates are drawn whether or not a file exists, so a build that resumes renders a missing file as a fresh build
+    would."""
+    version = C.tool_version("espeak-ng")
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Please leave a message after the tone.",
+                 "One two three four five six seven eight nine ten.", "Where is the railway station?"]  # fmt: skip
+    items = []
+    for lang in spec["espeak_languages"]:
+        rates = [rng.randint(130, 190) for _ in sentences]
+        for i, (text, rate) in enumerate(zip(sentences, rates)):
+            wav = out / f"espeak_{lang}_{i}.wav"
             if not wav.exists():
-                subprocess.run(C.sox_command(args, wav), check=True, capture_output=True)
-            items.append(C.AudioItem(f"synth:sox/{i}", "synth-sox", "14.4.2", "generated (sox)", str(wav)))
+                subprocess.run(["espeak-ng", "-v", lang, "-s", str(rate), "-w", str(wav), text], check=True,
+                               capture_output=True)  # fmt: skip
+            items.append(C.AudioItem(f"synth:espeak/{lang}/{i}", "synth-espeak-ng", version, "generated (espeak-ng)",
+                                     str(wav)))  # fmt: skip
+    return items
+
+
+def sox_items(spec: dict[str, Any], out: Path) -> list[C.AudioItem]:
+    """The recipe's sox sounds (:func:`tympan.data.corpus.sox_recipes`), rendered repeatably; a file's name carries
+    a digest of its command line, so a changed command renders it afresh instead of reusing an old file."""
+    version = f"{C.tool_version('sox')} -R"
+    items = []
+    for i, args in enumerate(C.sox_recipes(spec["sox_sounds"], seed=0)):
+        digest = hashlib.sha256(" ".join(C.sox_command(args, "-")).encode()).hexdigest()[:8]
+        wav = out / f"sox_{i:03d}_{digest}.wav"
+        if not wav.exists():
+            subprocess.run(C.sox_command(args, wav), check=True, capture_output=True)
+        items.append(C.AudioItem(f"synth:sox/{i}", "synth-sox", version, "generated (sox)", str(wav)))
     return items
 
 
@@ -225,8 +256,8 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
         mixed = C.mix_waveforms(e[e_start:], bed_cut, snr, offset)
         item = C.AudioItem(key, "mixture", "-", f"mixture of {effect.key} [{effect.license}] and {bed.key} [{bed.license}]",
                            f"{effect.path} + {bed.path}")  # fmt: skip
-        cache.put(item, C.label_waveform(mixed, teacher, spec["patches"]),
-                  {"seconds": length / C.SAMPLE_RATE, "split": "train", "snr_db": snr, "versions": versions})  # fmt: skip
+        extra = {"seconds": length / C.SAMPLE_RATE, "split": "train", "snr_db": snr, "versions": versions}
+        cache.put(item, C.label_waveform(mixed, teacher, spec["patches"]), extra)
         if i % 500 == 0:
             log(f"  mixture {i}/{spec['count']}")
     return keys

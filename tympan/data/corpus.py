@@ -54,12 +54,14 @@ __all__ = [
     "load_shards",
     "mix_waveforms",
     "parse_copyright",
+    "parse_tool_version",
     "patch_groups",
     "render_copyright",
     "rendezvous_pick",
     "select_patches",
     "split_of",
     "teacher_agreement",
+    "tool_version",
     "write_shards",
 ]
 
@@ -465,6 +467,23 @@ def general_midi_file(program: int, drums: bool = False, seed: int = 0, notes: i
     track += b"\x00\xff\x2f\x00"
     header = b"MThd" + (6).to_bytes(4, "big") + (0).to_bytes(2, "big") + (1).to_bytes(2, "big") + (480).to_bytes(2, "big")
     return header + b"MTrk" + len(track).to_bytes(4, "big") + bytes(track)
+
+
+def tool_version(program: str) -> str:
+    """The version `program --version` prints (``"14.4.2"`` for sox, ``"1.51"`` for espeak-ng, ``"2.3.1"`` for
+    fluidsynth), or ``"unknown"``: generated audio records the tool that made it, as a file records its package."""
+    try:
+        out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return parse_tool_version(out.stdout + out.stderr)
+
+
+def parse_tool_version(text: str) -> str:
+    """The first dotted version number in a tool's ``--version`` text (an optional ``v`` before it), else
+    ``"unknown"``."""
+    match = re.search(r"(?<![\w.])v?(\d+(?:\.\d+)+)", text)
+    return match.group(1) if match else "unknown"
 
 
 def sox_command(args: list[str], path: str | os.PathLike, sample_rate: int = 16000) -> list[str]:
