@@ -168,6 +168,7 @@ def test_label_cache_round_trip(tmp_path):
     meta, back = cache.get(item.key)
     assert cache.has(item.key) and meta["license"] == "CC0" and meta["seconds"] == 1.5
     np.testing.assert_array_equal(back["scores"], arrays["scores"])
+    assert cache.meta(item.key) == meta  # the provenance alone, arrays unread
 
 
 # ------------------------------------------------------------------------------------------- groups, splits

@@ -246,7 +246,7 @@ def mix_all(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache, teacher: 
         key = f"mix:{i}:{effect.key}+{bed.key}"
         keys.append(key)
         versions = [effect.version, bed.version]
-        if teacher is None or (cache.has(key) and cache.get(key)[0].get("versions") == versions):
+        if teacher is None or (cache.has(key) and cache.meta(key).get("versions") == versions):
             continue  # labelled already, from the same versions of its two files
         e, b = audio(effect), audio(bed)
         start = int(rng.integers(0, max(1, len(b) - length)))
