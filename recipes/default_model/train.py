@@ -91,18 +91,18 @@ class Batches:
         self.scores = torch.from_numpy(train["scores"])
         self.embeddings = torch.from_numpy(train["embeddings"])
         self.weights, self.seed, self.size = weights, seed, size
-        self.mix = self.teacher = None
+        self.mix = self.teacher = self.map_shape = None
         if online:
             from tympan.data.augment import LogMelMix
-            from tympan.teachers.yamnet import EMBEDDING_TENSOR, FEATURE_MAP_TENSOR, YAMNet
+            from tympan.teachers.yamnet import EMBEDDING_TENSOR, FEATURE_MAP_SHAPE, FEATURE_MAP_TENSOR, YAMNet
 
             self.mix = LogMelMix(online.get("mix_prob", 0.5), tuple(online.get("snr_db", (-5.0, 15.0))),
                                  tuple(online.get("gain_db", (-20.0, 6.0))), online.get("tilt_db", 6.0))  # fmt: skip
             self.teacher = YAMNet(teacher_path, num_threads=online.get("threads", 1), batch_size=self.size,
                                   embedding_output=FEATURE_MAP_TENSOR if maps else EMBEDDING_TENSOR)  # fmt: skip
+            self.map_shape = FEATURE_MAP_SHAPE if maps else None
         elif maps:
             raise SystemExit("train.map_weight needs train.online_teacher: the stored shards hold no teacher maps")
-        self.maps = maps
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool, self._pending = ThreadPoolExecutor(max_workers=1), None
@@ -116,10 +116,8 @@ class Batches:
         partner = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         x = self.mix(x, self.patches[partner].float(), generator)
         scores, embeddings = self.teacher.run(x[:, None].numpy())
-        if self.maps:
-            from tympan.teachers.yamnet import FEATURE_MAP_SHAPE
-
-            maps = torch.from_numpy(embeddings).reshape(-1, *FEATURE_MAP_SHAPE)
+        if self.map_shape is not None:
+            maps = torch.from_numpy(embeddings).reshape(-1, *self.map_shape)
             return x, torch.from_numpy(scores), maps.mean((-2, -1)), maps
         return x, torch.from_numpy(scores), torch.from_numpy(embeddings), None
 

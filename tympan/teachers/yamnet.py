@@ -35,6 +35,7 @@ from tympan.teachers.onnx import OnnxTeacher, require
 
 __all__ = [
     "EMBEDDING_TENSOR",
+    "FEATURE_MAP_SHAPE",
     "FEATURE_MAP_TENSOR",
     "YAMNet",
     "log_mel_spectrogram",
