@@ -3,12 +3,12 @@
     python recipes/default_model/ship.py recipes/default_model.yaml [--set key=value ...] [--bench bench.json]
 
 ``--set`` overrides the recipe as ``train.py --set`` does (a continuation written as a recipe plus overrides ships
-with those overrides recorded). Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json`` and ``corpus_table.md``, and an
-optional ``benchmarks/bench_default_model.py --json`` result; writes ``tymnet-s.safetensors`` (float32),
-``tymnet-s.json`` (tympan's sidecar: model id, config, labels with mids; under ``extra`` the SHA-256, frontend,
-lineage, training and evaluation figures), ``tymnet-s.corpus.csv.gz`` (every source file with package, version,
-licence and split) and ``NOTICE.tymnet-s.md``, and records the new SHA-256 in ``tympan/models/tymnet.py``. The model card
-(``MODEL_CARD.md``) is written by hand from these figures.
+with those overrides recorded). Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json``
+and ``corpus_table.md``, and an optional ``benchmarks/bench_default_model.py --json`` result; writes
+``tymnet-s.safetensors`` (float32), ``tymnet-s.json`` (tympan's sidecar: model id, config, labels with mids; under
+``extra`` the SHA-256, frontend, lineage, training and evaluation figures), ``tymnet-s.corpus.csv.gz`` (every source
+file with package, version, licence and split) and ``NOTICE.tymnet-s.md``, and records the new SHA-256 in
+``tympan/models/tymnet.py``. The model card (``MODEL_CARD.md``) is written by hand from these figures.
 """
 
 from __future__ import annotations
