@@ -49,6 +49,21 @@ def test_last_matching_paragraph_wins(paragraphs, name):
     assert C.license_for(document, path) == expected
 
 
+@given(paragraphs=st.lists(_paragraph, min_size=1, max_size=6), parts=st.lists(_word.filter(lambda w: w not in (".", "..")), min_size=1, max_size=5),
+       ext=st.sampled_from([".ogg", ".wav", ""]))
+def test_license_for_tries_every_suffix_of_the_path(paragraphs, parts, ext):
+    """license_for's one regex per paragraph equals trying each pattern on the path and on each of its suffixes
+    after a '/', the last matching paragraph winning."""
+    document = C.DebianCopyright(True, tuple(paragraphs))
+    path = "/".join(parts) + ext
+    suffixes = ["/".join(parts[i:]) + ext for i in range(len(parts))]
+    expected = None
+    for p in paragraphs:
+        if any(C._dep5_match(pattern, s) for pattern in p.files for s in suffixes):
+            expected = p.license
+    assert C.license_for(document, path) == expected
+
+
 def test_license_for_installed_paths_and_real_layout():
     text = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: example
@@ -78,6 +93,7 @@ License: CC-BY-SA-3.0
     assert C.license_for(parsed, "usr/share/games/example/data/sounds/deep/dog.ogg") == "CC-BY-SA-3.0"
     assert C.license_for(parsed, "./usr/share/games/example/data/ambient/rain1.ogg") == "CC-BY-SA-3.0"
     assert C.license_for(parsed, "usr/share/games/example/data/ambient/rain12.ogg") == "GPL-2+"
+    assert C.license_for(parsed, ".data/sounds/a.ogg") == "GPL-2+"  # a leading dot is part of the name
     assert C.license_for(parsed, "usr/share/doc/example/README") == "GPL-2+"
 
 
@@ -169,6 +185,11 @@ def test_label_cache_round_trip(tmp_path):
     assert cache.has(item.key) and meta["license"] == "CC0" and meta["seconds"] == 1.5
     np.testing.assert_array_equal(back["scores"], arrays["scores"])
     assert cache.meta(item.key) == meta  # the provenance alone, arrays unread
+    cache.put(item, {**arrays, "index": np.arange(2)}, {"seconds": 1.5, "split": "train"})
+    meta_only, some = cache.get(item.key, ["index"])
+    assert meta_only == meta and list(some) == ["index"] and np.array_equal(some["index"], [0, 1])
+    with pytest.raises(KeyError, match="embeddings"):
+        cache.get(item.key, ["embeddings"])
 
 
 # ------------------------------------------------------------------------------------------- groups, splits

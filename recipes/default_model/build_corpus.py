@@ -185,7 +185,7 @@ def _labelled(cache: C.LabelCache, item: C.AudioItem, cap: int) -> bool:
     file): a new package version or a raised cap relabels the file."""
     if not cache.has(item.key):
         return False
-    meta, arrays = cache.get(item.key)
+    meta, arrays = cache.get(item.key, ["index"])
     if meta.get("version") != item.version:
         return False
     samples = max(round(meta["seconds"] * C.SAMPLE_RATE), MIN_SAMPLES)
@@ -200,7 +200,7 @@ def mixture_sources(items: list[tuple[C.AudioItem, int]], cache: C.LabelCache) -
     for item, _ in items:
         if not cache.has(item.key):
             continue
-        meta, arrays = cache.get(item.key)
+        meta, arrays = cache.get(item.key, ["scores"])
         if meta["split"] != "train":
             continue
         group = np.bincount(C.patch_groups(arrays["scores"]), minlength=len(C.GROUPS)).argmax()

@@ -165,10 +165,22 @@ def render_copyright(copyright: DebianCopyright) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dep5_regex(pattern: str) -> str:
+    """DEP-5 glob as a regex: ``*`` matches any characters including ``/``, ``?`` one character; no other
+    metacharacters."""
+    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+
+
 def _dep5_match(pattern: str, path: str) -> bool:
-    """DEP-5 glob: ``*`` matches any characters including ``/``, ``?`` one character; no other metacharacters."""
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, path, flags=re.DOTALL) is not None
+    """Whether the DEP-5 glob `pattern` matches the whole of `path`."""
+    return re.fullmatch(_dep5_regex(pattern), path, flags=re.DOTALL) is not None
+
+
+@lru_cache(maxsize=4096)
+def _paragraph_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled regex per ``Files`` paragraph that matches a path when any pattern matches the path or one of
+    its suffixes after a ``/`` (compiled once: a package's paragraphs are matched against thousands of paths)."""
+    return re.compile("(?:.*/)?(?:" + "|".join(_dep5_regex(p) for p in patterns) + ")", flags=re.DOTALL)
 
 
 def license_for(copyright: DebianCopyright, path: str) -> str | None:
@@ -177,14 +189,11 @@ def license_for(copyright: DebianCopyright, path: str) -> str | None:
     Installed paths differ from source paths, so every suffix of `path` (after a ``/``) is tried; the last
     matching paragraph wins (DEP-5). ``None`` when the file is not machine-readable or nothing matches.
     """
-    path = path.lstrip("./")
-    parts = path.split("/")
-    suffixes = ["/".join(parts[i:]) for i in range(len(parts))]
-    found: str | None = None
-    for paragraph in copyright.paragraphs:
-        if any(_dep5_match(pattern, s) for pattern in paragraph.files for s in suffixes):
-            found = paragraph.license
-    return found
+    path = re.sub(r"^(?:\./|/)+", "", path)  # "./a/b.ogg", "/a/b.ogg" -> "a/b.ogg" (".a/b.ogg" stays)
+    for paragraph in reversed(copyright.paragraphs):
+        if paragraph.files and _paragraph_regex(paragraph.files).fullmatch(path):
+            return paragraph.license
+    return None
 
 
 # ----------------------------------------------------------------------------------- packages and audio files
@@ -379,9 +388,12 @@ class LabelCache:
         np.savez(tmp, meta=np.array(meta), **arrays)
         tmp.replace(self.path(item.key))
 
-    def get(self, key: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def get(self, key: str, names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Provenance and arrays of `key`: all of them, or only `names` (the others are not read: a check that
+        needs one array reads a fifth of the file's time)."""
         with np.load(self.path(key)) as z:
-            arrays = {k: z[k] for k in z.files if k != "meta"}
+            wanted = [k for k in z.files if k != "meta"] if names is None else list(names)
+            arrays = {k: z[k] for k in wanted}
             meta = json.loads(str(z["meta"]))
         return meta, arrays
 
