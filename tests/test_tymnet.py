@@ -4,6 +4,7 @@ the protocol's shapes, and the shipped weights (offline, SHA-256 checked, sensib
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import json
 import shutil
@@ -621,6 +622,57 @@ def test_training_resumes_bit_exactly(tmp_path, dog, yamnet_teacher, shared_dir,
                        "--export", str(again)]) == 0  # fmt: skip
     first, second = load_file(str(exported)), load_file(str(again))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_ship_writes_the_checked_weights_the_notice_and_the_file_list(tmp_path, yamnet_teacher, data_dir):
+    """recipes/default_model/ship.py on a real (tiny) build and run: the weights it writes load through the
+    SHA-256-checked loader with the digest it records in the code; the sidecar names the recipe with its overrides;
+    the file list is the shards' manifest and the NOTICE holds the corpus table and every licence."""
+    import csv
+    import gzip
+
+    from tympan.data import corpus as C
+
+    build, ship = _recipe_script("build_corpus"), _recipe_script("ship")
+    clips = {"dog": "1-100032-A-0.flac", "rain": "1-17367-A-10.flac", "waves": "1-39901-A-11.flac"}
+    items = [(C.AudioItem(f"esc:{name}", "esc10", "-", "CC-BY-3.0", str(data_dir / "esc10" / "audio" / f)), 4)
+             for name, f in clips.items()]  # fmt: skip
+    items[-1] = (C.AudioItem(items[-1][0].key, "other", "2", "CC0", items[-1][0].path), 4)
+    cache = C.LabelCache(tmp_path / "cache")
+    build.label_all(items[:2], cache, yamnet_teacher, heldout=0.0, seed=0)
+    build.label_all(items[2:], cache, yamnet_teacher, heldout=1.0, seed=0)  # the held-out file
+    build.write_all(items, cache, {"shards": str(tmp_path / "shards")}, [])
+    recipe = LABELS_CSV.parents[2] / "recipes" / "default_model.yaml"
+    overrides = [f"corpus.shards={tmp_path / 'shards'}", f"train.out={tmp_path / 'run'}", "train.steps=2",
+                 "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2",
+                 "model.overrides={channels: [8, 8, 16, 16, 16, 16, 16], strides: [2, 1, 2, 1, 2, 1]}"]  # fmt: skip
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    assert _train_script().main([str(recipe), *sets]) == 0
+    code = tmp_path / "tymnet.py"
+    shutil.copy(LABELS_CSV.parents[1] / "models" / "tymnet.py", code)
+    assets = tmp_path / "assets"
+    assert ship.main([str(recipe), *sets, "--assets", str(assets), "--code", str(code)]) == 0
+
+    weights = assets / "tymnet-s.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f'SHIPPED_SHA256: str | None = "{digest}"' in code.read_text()
+    sidecar = json.loads((assets / "tymnet-s.json").read_text())
+    assert sidecar["extra"]["sha256"] == digest and sidecar["extra"]["training"]["steps"] == 2
+    assert sidecar["extra"]["training"]["recipe"].count("--set") == len(overrides)
+    model = load_shipped(weights, sha256=digest)
+    ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
+    torch.testing.assert_close(model.head.weight, ema["head.weight"])
+    with pytest.raises(ChecksumError):
+        load_shipped(weights, sha256="0" * 64)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    with gzip.open(assets / "tymnet-s.corpus.csv.gz", "rt") as f:
+        listed = list(csv.DictReader(f))
+    assert [(r["key"], r["license"], r["split"]) for r in listed] == [(m["key"], m["license"], m["split"])
+                                                                     for m in manifest]  # fmt: skip
+    assert [r["split"] for r in listed] == ["train", "train", "heldout"]
+    notice = (assets / "NOTICE.tymnet-s.md").read_text()
+    assert digest in notice and (tmp_path / "shards" / "corpus_table.md").read_text() in notice
+    assert "* CC-BY-3.0: 2" in notice and "* CC0: 1" in notice
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Ship the default model into ``tympan/assets``: EMA weights (safetensors) + sidecar, NOTICE, corpus manifest.
 
     python recipes/default_model/ship.py recipes/default_model.yaml [--set key=value ...] [--bench bench.json]
+        [--assets DIR] [--code FILE]
 
 ``--set`` overrides the recipe as ``train.py --set`` does (a continuation written as a recipe plus overrides ships
 with those overrides recorded). Reads the run's ``last.pt`` (``train.out``), the corpus shards' ``manifest.json``
@@ -8,7 +9,8 @@ and ``corpus_table.md``, and an optional ``benchmarks/bench_default_model.py --j
 ``tymnet-s.safetensors`` (float32), ``tymnet-s.json`` (tympan's sidecar: model id, config, labels with mids; under
 ``extra`` the SHA-256, frontend, lineage, training and evaluation figures), ``tymnet-s.corpus.csv.gz`` (every source
 file with package, version, licence and split) and ``NOTICE.tymnet-s.md``, and records the new SHA-256 in
-``tympan/models/tymnet.py``. The model card (``MODEL_CARD.md``) is written by hand from these figures.
+``tympan/models/tymnet.py`` (``--assets`` and ``--code`` write elsewhere instead, e.g. to review a candidate).
+The model card (``MODEL_CARD.md``) is written by hand from these figures.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "tympan" / "assets"
+CODE = REPO / "tympan" / "models" / "tymnet.py"
 
 
 def _relative(path: str) -> str:
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--set", action="append", default=[], help="recipe override key.sub=value, as train.py's")
     parser.add_argument("--bench", default=None, help="JSON from benchmarks/bench_default_model.py")
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="folder for the four shipped files")
+    parser.add_argument("--code", type=Path, default=CODE, help="module whose SHIPPED_SHA256 line gets the digest")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train import FRONTEND, export, load_recipe
@@ -52,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     model = create_model("tymnet-s", **recipe["model"].get("overrides", {}))
     model.load_state_dict(ckpt["ema"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    weights = ASSETS / "tymnet-s.safetensors"
+    assets = args.assets
+    assets.mkdir(parents=True, exist_ok=True)
+    weights = assets / "tymnet-s.safetensors"
     info = {
         "frontend": FRONTEND,
         "lineage": "distilled from the outputs of a quantized ONNX export of Google's YAMNet (Apache-2.0); no "
@@ -67,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         info["evaluation"] = json.loads(Path(args.bench).read_text())
     digest = export(model, weights, info)
     weights.chmod(0o644)
-    source = Path(__file__).resolve().parents[2] / "tympan" / "models" / "tymnet.py"
-    text = source.read_text()
+    text = args.code.read_text()
     start = text.index("SHIPPED_SHA256: str | None = ")
     end = text.index("\n", start)
-    source.write_text(text[:start] + f'SHIPPED_SHA256: str | None = "{digest}"' + text[end:])
+    args.code.write_text(text[:start] + f'SHIPPED_SHA256: str | None = "{digest}"' + text[end:])
 
     manifest = json.loads((shards / "manifest.json").read_text())
     buffer = io.StringIO()
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     writer.writerow(["key", "source", "version", "license", "seconds", "split", "patches"])
     for m in manifest:
         writer.writerow([m["key"], m["source"], m["version"], m["license"], m["seconds"], m["split"], m["patches"]])
-    with gzip.GzipFile(ASSETS / "tymnet-s.corpus.csv.gz", "wb", mtime=0) as f:
+    with gzip.GzipFile(assets / "tymnet-s.corpus.csv.gz", "wb", mtime=0) as f:
         f.write(buffer.getvalue().encode())
     licences = Counter(m["license"] for m in manifest if m["source"] != "mixture")
     table = (shards / "corpus_table.md").read_text()
@@ -111,7 +117,7 @@ settled; some of that audio is GPL-2+ or CC BY-SA, so every licence and file is 
 ## Licences of the source files (count of files)
 
 """ + "\n".join(f"* {name}: {count}" for name, count in licences.most_common()) + "\n"
-    (ASSETS / "NOTICE.tymnet-s.md").write_text(notice)
+    (assets / "NOTICE.tymnet-s.md").write_text(notice)
     print(f"shipped {weights} ({weights.stat().st_size / 1e6:.2f} MB) sha256 {digest}")
     return 0
 
