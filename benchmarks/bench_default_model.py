@@ -19,10 +19,14 @@
    per file, its hint, and ``N / hint`` files at once); YAMNet file by file on N onnxruntime threads, and YAMNet
    ``N`` files at once on one thread each (the same scheme given to the peer). Speed-ups are against the faster
    YAMNet row.
+5. **Layers** (``--layers``, not run by default): the same ESC-10 probes on the student's pooled features after
+   the stem and after each block, and on its per-patch embeddings pooled three ways (mean,
+   mean + std, mean + max), YAMNet's pooled the same three ways beside them: where in the student the scene
+   information is, and whether the pooling of the scene embedding holds it back.
 
     python benchmarks/bench_default_model.py [--weights EXPORT.safetensors] [--compare PREVIOUS.safetensors]
         [--shards /work/cache/corpus/shards_v3] [--threads 2] [--student-threads N] [--precision int8]
-        [--json out.json]
+        [--layers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -84,6 +88,51 @@ def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[s
         for method in ("knn", "linear"):
             result = evaluate(x, labels, splits, method=method)
             out[f"{name}/{method}"] = round(100 * result["mean"]["accuracy"], 2)
+    return out
+
+
+def _accuracies(x: np.ndarray, labels: np.ndarray, splits: Any) -> dict[str, float]:
+    return {m: round(100 * evaluate(x, labels, splits, method=m)["mean"]["accuracy"], 2) for m in ("knn", "linear")}
+
+
+@torch.no_grad()
+def layers(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
+    """ESC-10 probes on each stage of the student (stem, blocks: means over positions and patches) and
+    on per-patch embeddings pooled over patches by mean, mean + std and mean + max, YAMNet's beside them."""
+    rows = esc10_rows(shared)
+    waves = [fit(audio.load(shared / "data" / "esc10" / "audio" / r["filename"])) for r in rows]
+    labels = np.array([int(r["target_esc10"]) for r in rows])
+    splits = fold_splits(np.array([int(r["fold"]) for r in rows]))
+    stages = [("stem", model.stem_bn), *((f"block{i + 1}", b) for i, b in enumerate(model.blocks))]
+    pooled: dict[str, list[torch.Tensor]] = {name: [] for name, _ in stages}
+
+    def keep(name: str) -> Any:
+        def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> None:  # the stem's ReLU is functional
+            pooled[name].append((out.relu() if name == "stem" else out).mean((-2, -1)))
+
+        return hook
+
+    hooks = [module.register_forward_hook(keep(name)) for name, module in stages]
+    model.folded_inference = False  # through the modules, so the hooks see every stage
+    try:
+        frames = []
+        for batch in torch.from_numpy(np.stack(waves)).split(32):
+            features = model.frontend(batch)
+            frames.append(model.embed(features).frames)
+    finally:
+        del model.folded_inference
+        for hook in hooks:
+            hook.remove()
+    count = frames[0].shape[1]
+    out: dict[str, Any] = {}
+    for name, parts in pooled.items():
+        out[f"tymnet-s/{name}"] = _accuracies(torch.cat(parts).view(len(rows), count, -1).mean(1).numpy(), labels, splits)
+    per_patch = {"tymnet-s": torch.cat(frames), "yamnet": torch.from_numpy(np.stack([yamnet.frames(w)[1] for w in waves]))}
+    for name, x in per_patch.items():
+        pools = {"mean": x.mean(1), "mean+std": torch.cat([x.mean(1), x.std(1)], -1),
+                 "mean+max": torch.cat([x.mean(1), x.amax(1)], -1)}  # fmt: skip
+        for pool, e in pools.items():
+            out[f"{name}/embedding {pool}"] = _accuracies(e.numpy(), labels, splits)
     return out
 
 
@@ -216,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=["probe", "agreement", "speed", "throughput"])
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
                         help="the student's (and --compare's) inference precision, as `tympan tag --precision`")
+    parser.add_argument("--layers", action="store_true", help="also the ESC-10 probes per stage and per pooling")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -234,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if "probe" not in args.skip:
         results["esc10_probe"] = probe(model, yamnet, shared, previous)
         print("ESC-10 4-fold:", results["esc10_probe"], flush=True)
+    if args.layers:
+        results["esc10_layers"] = layers(model, yamnet, shared)
+        print("ESC-10 4-fold per stage and pooling:", results["esc10_layers"], flush=True)
     if "agreement" not in args.skip and Path(args.shards).is_dir():
         from tympan.data.corpus import load_shards
 
