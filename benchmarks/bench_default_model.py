@@ -6,7 +6,9 @@
 2. **Agreement with the teacher** on the held-out corpus shards (source files never trained on):
    :func:`tympan.data.corpus.teacher_agreement` (clip mAP against YAMNet's top-3 labels, top-1 / top-5 match),
    with the teacher's own figures beside it (re-run on the stored float16 patches, and shifted by one 10 ms frame):
-   the metric's ceiling under perturbations no listener would notice.
+   the metric's ceiling under perturbations no listener would notice. With ``--compare``, also the mAP difference
+   between the two students and its paired bootstrap interval over the held-out clips
+   (:func:`tympan.data.corpus.agreement_difference`): whether a gain is more than the choice of clips.
 3. **Speed**, tagging the 320 ESC-10 files end to end (decode, frontend, model, top-5 tags), one file at a time,
    YAMNet on ``--threads`` threads, the student on those `tympan tag` gives it (its ``inference_threads`` hint,
    at most ``--threads``; ``--student-threads`` overrides): the student through ``tympan tag``'s own path
@@ -137,13 +139,16 @@ def layers(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def agreement(model: Any, heldout: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The student's agreement with the teacher's stored labels on the held-out patches (``load_shards(...,
-    "heldout")``)."""
+def heldout_probs(model: Any, heldout: dict[str, np.ndarray]) -> torch.Tensor:
+    """The student's class probabilities ``[P, C]`` on the held-out patches (``load_shards(..., "heldout")``)."""
+    patches = torch.from_numpy(heldout["patches"])
+    return torch.cat([torch.sigmoid(model.patch_outputs(p.float())[0]) for p in patches.split(512)])
+
+
+def agreement(probs: torch.Tensor, heldout: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The student's agreement with the teacher's stored labels on the held-out patches."""
     from tympan.data.corpus import teacher_agreement
 
-    patches = torch.from_numpy(heldout["patches"])
-    probs = torch.cat([torch.sigmoid(model.patch_outputs(p.float())[0]) for p in patches.split(512)])
     return teacher_agreement(probs, heldout["scores"].astype(np.float32), heldout["file_id"])
 
 
@@ -291,9 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         from tympan.data.corpus import load_shards
 
         heldout = load_shards(Path(args.shards), "heldout")  # read once for the student, the previous and the teacher
-        results["heldout_agreement"] = agreement(model, heldout)
+        probs = heldout_probs(model, heldout)
+        results["heldout_agreement"] = agreement(probs, heldout)
         if previous is not None:
-            results["heldout_agreement/previous"] = agreement(previous, heldout)
+            from tympan.data.corpus import agreement_difference
+
+            previous_probs = heldout_probs(previous, heldout)
+            results["heldout_agreement/previous"] = agreement(previous_probs, heldout)
+            results["heldout_agreement/difference"] = agreement_difference(
+                probs, previous_probs, heldout["scores"].astype(np.float32), heldout["file_id"])
         for name, figures in teacher_ceiling(yamnet, heldout).items():
             results[f"heldout_agreement/teacher_{name}"] = figures
         print("held-out agreement:", {k: v for k, v in results.items() if k.startswith("heldout")}, flush=True)

@@ -448,3 +448,50 @@ def test_builder_espeak_resume_renders_a_missing_file_as_a_fresh_build_would(tmp
     "-gnu/espeak-ng-data", "1.51"), ("no version here", "unknown"), ("build 7", "unknown")])  # fmt: skip
 def test_parse_tool_version(text, expected):
     assert C.parse_tool_version(text) == expected
+
+
+# ------------------------------------------------------------------------------------------- agreement
+@pytest.fixture(scope="module")
+def esc_teacher_scores(yamnet, data_dir):
+    """YAMNet's patch scores on 24 real ESC-10 clips (10 patches each at most) and each patch's clip id."""
+    files = sorted((data_dir / "esc10" / "audio").glob("1-*.flac"))[:24]
+    parts = [C.label_waveform(audio.load(f), yamnet, 10)["scores"].astype(np.float32) for f in files]
+    return np.concatenate(parts), np.concatenate([np.full(len(p), 100 + 3 * i) for i, p in enumerate(parts)])
+
+
+def _clips_shuffled(scores: np.ndarray, files: np.ndarray) -> np.ndarray:
+    """Each clip's patches given another clip's scores (a student that hears the wrong clip)."""
+    ids = np.unique(files)
+    donor = dict(zip(ids, np.roll(ids, 5)))
+    out = scores.copy()
+    for clip in ids:
+        mine, theirs = np.flatnonzero(files == clip), np.flatnonzero(files == donor[clip])
+        out[mine] = scores[theirs[np.arange(len(mine)) % len(theirs)]]
+    return out
+
+
+def test_teacher_agreement_is_perfect_for_the_teacher_and_low_for_the_wrong_clips(esc_teacher_scores):
+    scores, files = esc_teacher_scores
+    itself = C.teacher_agreement(scores, scores, files)
+    assert itself["clips"] == 24 and itself["patches"] == len(scores)
+    assert itself["patch_top1"] == itself["clip_top1"] == itself["clip_top5"] == 1.0
+    assert 0.95 < itself["clip_mAP_top3"] <= 1.0  # below 1 only by ties: the teacher's scores are quantised
+    wrong = C.teacher_agreement(_clips_shuffled(scores, files), scores, files)
+    assert wrong["clip_top1"] < 0.5 and wrong["clip_mAP_top3"] < 0.6, wrong
+
+
+def test_agreement_difference_is_paired_and_antisymmetric(esc_teacher_scores):
+    """The paired bootstrap of the mAP difference: zero against itself, clearly positive for the teacher against
+    a student that hears the wrong clips, and the same figures negated when the two are swapped."""
+    scores, files = esc_teacher_scores
+    wrong = _clips_shuffled(scores, files)
+    same = C.agreement_difference(wrong, wrong, scores, files, resamples=200)
+    assert same["difference"] == 0.0 and same["interval"] == [0.0, 0.0]
+    better = C.agreement_difference(scores, wrong, scores, files, resamples=200)
+    mean_ap = {name: C.teacher_agreement(x, scores, files)["clip_mAP_top3"] for name, x in (("a", scores), ("b", wrong))}
+    expected = mean_ap["a"] - mean_ap["b"]
+    assert better["difference"] == pytest.approx(expected, abs=1e-6)
+    assert 0 < better["interval"][0] <= better["difference"] <= better["interval"][1] <= 1
+    worse = C.agreement_difference(wrong, scores, scores, files, resamples=200)
+    assert worse["difference"] == pytest.approx(-better["difference"], abs=1e-9)
+    assert worse["interval"] == pytest.approx([-better["interval"][1], -better["interval"][0]], abs=1e-9)

@@ -43,6 +43,7 @@ __all__ = [
     "DebianCopyright",
     "LabelCache",
     "Package",
+    "agreement_difference",
     "class_groups",
     "decode_bytes",
     "fetch_package",
@@ -534,6 +535,33 @@ def sox_recipes(count: int, seed: int = 0) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------- agreement
+def _clip_means(per_patch: Any, files: Any) -> Any:
+    """``[P, C]`` per-patch values -> ``[clips, C]`` means per source file (clips in ascending file id)."""
+    import torch
+
+    values = torch.as_tensor(np.asarray(per_patch), dtype=torch.float32)
+    _, inverse = torch.unique(torch.as_tensor(np.asarray(files).astype(np.int64)), return_inverse=True)
+    clips = int(inverse.max()) + 1 if len(inverse) else 0
+    count = torch.zeros(clips).index_add_(0, inverse, torch.ones(len(inverse)))[:, None]
+    return torch.zeros(clips, values.shape[1]).index_add_(0, inverse, values) / count
+
+
+def _top3_targets(teacher_clip: Any) -> Any:
+    import torch
+
+    return torch.zeros_like(teacher_clip).scatter_(1, teacher_clip.topk(3, -1).indices, 1.0)
+
+
+def _mean_ap(scores: Any, targets: Any) -> Any:
+    """Mean over classes of the average precision ``[..., N, C]`` -> ``[...]``, classes without a positive left out."""
+    from tympan.eval.metrics import average_precision
+
+    ap = average_precision(scores, targets) if scores.dim() == 2 else average_precision(
+        scores.transpose(0, 1).reshape(scores.shape[1], -1), targets.transpose(0, 1).reshape(targets.shape[1], -1)
+    ).view(scores.shape[0], -1)
+    return ap.nan_to_num(0.0).sum(-1) / (~ap.isnan()).sum(-1)
+
+
 def teacher_agreement(student_probs: Any, teacher_scores: Any, files: Any) -> dict[str, float]:
     """How a student agrees with the teacher on labelled patches (``[P, C]`` each) grouped into clips by `files`
     (``[P]`` source-file ids): patch top-1 match, and per clip (mean over its patches) the top-1 match, the top-5
@@ -541,23 +569,40 @@ def teacher_agreement(student_probs: Any, teacher_scores: Any, files: Any) -> di
     the teacher's top-3 classes of that clip (classes never in anyone's top 3 are left out of the mean)."""
     import torch
 
-    from tympan.eval.metrics import average_precision
-
     probs = torch.as_tensor(np.asarray(student_probs), dtype=torch.float32)
     teacher = torch.as_tensor(np.asarray(teacher_scores), dtype=torch.float32)
-    ids = torch.as_tensor(np.asarray(files).astype(np.int64))
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    count = torch.zeros(len(unique)).index_add_(0, inverse, torch.ones(len(ids)))[:, None]
-    student_clip = torch.zeros(len(unique), probs.shape[1]).index_add_(0, inverse, probs) / count
-    teacher_clip = torch.zeros(len(unique), probs.shape[1]).index_add_(0, inverse, teacher) / count
+    student_clip, teacher_clip = _clip_means(probs, files), _clip_means(teacher, files)
     top = teacher_clip.argmax(-1)
-    target = torch.zeros_like(teacher_clip).scatter_(1, teacher_clip.topk(3, -1).indices, 1.0)
-    ap = average_precision(student_clip, target)
     return {
         "patch_top1": float((probs.argmax(-1) == teacher.argmax(-1)).float().mean()),
         "clip_top1": float((student_clip.argmax(-1) == top).float().mean()),
         "clip_top5": float((student_clip.topk(5, -1).indices == top[:, None]).any(-1).float().mean()),
-        "clip_mAP_top3": float(ap[~torch.isnan(ap)].mean()),
-        "clips": int(len(unique)),
-        "patches": int(len(ids)),
+        "clip_mAP_top3": float(_mean_ap(student_clip, _top3_targets(teacher_clip))),
+        "clips": len(student_clip),
+        "patches": len(probs),
     }
+
+
+def agreement_difference(student_probs: Any, other_probs: Any, teacher_scores: Any, files: Any,
+                         resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Whether one student agrees with the teacher better than another beyond the choice of clips: the difference of
+    :func:`teacher_agreement`'s clip mAP (``student - other``, both ``[P, C]`` on the same patches) and its paired
+    bootstrap interval (the clips drawn with replacement `resamples` times, the same clips for both; a class with
+    no positive among the drawn clips is left out, as in the metric).
+
+    Only the difference gets an interval: a draw leaves out the rarest classes, which are harder than most, so a
+    single model's resampled mAP sits above its mAP on all clips; in a paired difference that shift cancels."""
+    import torch
+
+    targets = _top3_targets(_clip_means(teacher_scores, files))
+    present = targets.sum(0) > 0  # the only classes that can have a positive in any draw
+    targets = targets[:, present]
+    a, b = _clip_means(student_probs, files)[:, present], _clip_means(other_probs, files)[:, present]
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, len(targets), (resamples, len(targets)), generator=generator)
+    # [r, N] clips -> [r, N, C] resampled scores: 32 draws per average-precision call
+    differences = torch.cat([_mean_ap(a[c], targets[c]) - _mean_ap(b[c], targets[c]) for c in draws.split(32)])
+    tail = (1 - level) / 2
+    low, high = torch.quantile(differences.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"difference": float(_mean_ap(a, targets) - _mean_ap(b, targets)), "interval": [low, high],
+            "level": level, "resamples": resamples, "clips": len(targets)}  # fmt: skip
