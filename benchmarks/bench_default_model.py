@@ -70,12 +70,17 @@ def fit(waveform: np.ndarray) -> np.ndarray:
     return np.pad(waveform, (0, max(0, CLIP - len(waveform))))[:CLIP]
 
 
-@torch.no_grad()
-def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[str, Any]:
+def esc10_clips(shared: Path) -> tuple[list[np.ndarray], np.ndarray, Any]:
+    """The ESC-10 clips (5 s each), their class ids and the leave-one-fold-out splits."""
     rows = esc10_rows(shared)
     waves = [fit(audio.load(shared / "data" / "esc10" / "audio" / r["filename"])) for r in rows]
     labels = np.array([int(r["target_esc10"]) for r in rows])
-    folds = np.array([int(r["fold"]) for r in rows])
+    return waves, labels, fold_splits(np.array([int(r["fold"]) for r in rows]))
+
+
+@torch.no_grad()
+def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[str, Any]:
+    waves, labels, splits = esc10_clips(shared)
     batch = torch.from_numpy(np.stack(waves))
     def scene(m: Any) -> np.ndarray:
         return torch.cat([m.embed(m.frontend(b)).scene for b in batch.split(32)]).numpy()
@@ -84,8 +89,7 @@ def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[s
     if previous is not None:
         embeddings["tymnet-s/previous"] = scene(previous)
     embeddings["yamnet"] = yamnet.clip(list(waves))[1]
-    splits = fold_splits(folds)
-    out: dict[str, Any] = {"clips": len(rows)}
+    out: dict[str, Any] = {"clips": len(waves)}
     for name, x in embeddings.items():
         for method in ("knn", "linear"):
             result = evaluate(x, labels, splits, method=method)
@@ -101,10 +105,7 @@ def _accuracies(x: np.ndarray, labels: np.ndarray, splits: Any) -> dict[str, flo
 def layers(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
     """ESC-10 probes on each stage of the student (stem, blocks: means over positions and patches) and
     on per-patch embeddings pooled over patches by mean, mean + std and mean + max, YAMNet's beside them."""
-    rows = esc10_rows(shared)
-    waves = [fit(audio.load(shared / "data" / "esc10" / "audio" / r["filename"])) for r in rows]
-    labels = np.array([int(r["target_esc10"]) for r in rows])
-    splits = fold_splits(np.array([int(r["fold"]) for r in rows]))
+    waves, labels, splits = esc10_clips(shared)
     stages = [("stem", model.stem_bn), *((f"block{i + 1}", b) for i, b in enumerate(model.blocks))]
     pooled: dict[str, list[torch.Tensor]] = {name: [] for name, _ in stages}
 
@@ -115,6 +116,7 @@ def layers(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
         return hook
 
     hooks = [module.register_forward_hook(keep(name)) for name, module in stages]
+    own = vars(model).get("folded_inference")
     model.folded_inference = False  # through the modules, so the hooks see every stage
     try:
         frames = []
@@ -122,14 +124,19 @@ def layers(model: Any, yamnet: Any, shared: Path) -> dict[str, Any]:
             features = model.frontend(batch)
             frames.append(model.embed(features).frames)
     finally:
-        del model.folded_inference
+        if own is None:
+            del model.folded_inference
+        else:
+            model.folded_inference = own
         for hook in hooks:
             hook.remove()
     count = frames[0].shape[1]
     out: dict[str, Any] = {}
     for name, parts in pooled.items():
-        out[f"tymnet-s/{name}"] = _accuracies(torch.cat(parts).view(len(rows), count, -1).mean(1).numpy(), labels, splits)
-    per_patch = {"tymnet-s": torch.cat(frames), "yamnet": torch.from_numpy(np.stack([yamnet.frames(w)[1] for w in waves]))}
+        scene = torch.cat(parts).view(len(waves), count, -1).mean(1)
+        out[f"tymnet-s/{name}"] = _accuracies(scene.numpy(), labels, splits)
+    teacher = torch.from_numpy(np.stack([yamnet.frames(w)[1] for w in waves]))
+    per_patch = {"tymnet-s": torch.cat(frames), "yamnet": teacher}
     for name, x in per_patch.items():
         pools = {"mean": x.mean(1), "mean+std": torch.cat([x.mean(1), x.std(1)], -1),
                  "mean+max": torch.cat([x.mean(1), x.amax(1)], -1)}  # fmt: skip
