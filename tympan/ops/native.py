@@ -43,6 +43,12 @@ def tracing() -> bool:
             or torch.onnx.is_in_onnx_export())  # fmt: skip
 
 
+def exporting() -> bool:
+    """Under an exporter (torch.export, the ONNX exporter, TorchScript tracing), not torch.compile: for choices
+    that only the exported graph's runtime decides (e.g. ONNX Runtime's DFT op is slower than a DFT as a matmul)."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
