@@ -78,10 +78,16 @@ def esc10_clips(shared: Path) -> tuple[list[np.ndarray], np.ndarray, Any]:
     return waves, labels, fold_splits(np.array([int(r["fold"]) for r in rows]))
 
 
+def _accuracies(x: np.ndarray, labels: np.ndarray, splits: Any) -> dict[str, float]:
+    """ESC-10 4-fold kNN and linear-probe accuracy (%) of embeddings `x`."""
+    return {m: round(100 * evaluate(x, labels, splits, method=m)["mean"]["accuracy"], 2) for m in ("knn", "linear")}
+
+
 @torch.no_grad()
 def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[str, Any]:
     waves, labels, splits = esc10_clips(shared)
     batch = torch.from_numpy(np.stack(waves))
+
     def scene(m: Any) -> np.ndarray:
         return torch.cat([m.embed(m.frontend(b)).scene for b in batch.split(32)]).numpy()
 
@@ -91,14 +97,8 @@ def probe(model: Any, yamnet: Any, shared: Path, previous: Any = None) -> dict[s
     embeddings["yamnet"] = yamnet.clip(list(waves))[1]
     out: dict[str, Any] = {"clips": len(waves)}
     for name, x in embeddings.items():
-        for method in ("knn", "linear"):
-            result = evaluate(x, labels, splits, method=method)
-            out[f"{name}/{method}"] = round(100 * result["mean"]["accuracy"], 2)
+        out.update({f"{name}/{method}": value for method, value in _accuracies(x, labels, splits).items()})
     return out
-
-
-def _accuracies(x: np.ndarray, labels: np.ndarray, splits: Any) -> dict[str, float]:
-    return {m: round(100 * evaluate(x, labels, splits, method=m)["mean"]["accuracy"], 2) for m in ("knn", "linear")}
 
 
 @torch.no_grad()

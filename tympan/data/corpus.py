@@ -172,11 +172,6 @@ def _dep5_regex(pattern: str) -> str:
     return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
 
 
-def _dep5_match(pattern: str, path: str) -> bool:
-    """Whether the DEP-5 glob `pattern` matches the whole of `path`."""
-    return re.fullmatch(_dep5_regex(pattern), path, flags=re.DOTALL) is not None
-
-
 @lru_cache(maxsize=4096)
 def _paragraph_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
     """One compiled regex per ``Files`` paragraph that matches a path when any pattern matches the path or one of
@@ -400,8 +395,7 @@ class LabelCache:
 
     def meta(self, key: str) -> dict[str, Any]:
         """The entry's provenance alone (its arrays are not read: a third of the time of :meth:`get`)."""
-        with np.load(self.path(key)) as z:
-            return json.loads(str(z["meta"]))
+        return self.get(key, ())[0]
 
 
 # ------------------------------------------------------------------------------------------- balancing, shards
